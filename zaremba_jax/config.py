@@ -1,0 +1,63 @@
+"""Run configuration: one frozen dataclass, validated on construction.
+
+This module imports neither jax nor absl, so the configuration can be built and
+checked anywhere (a notebook, a test, the command line).
+"""
+
+import dataclasses
+
+MODES = ("train", "evaluate")
+LEVELS = ("word",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything that defines a run. Defaults are the paper's small model."""
+
+  mode: str = "train"            # what main does: train, evaluate
+  level: str = "word"            # tokenisation of PTB: word
+  batch_size: int = 20           # rows the token stream is cut into
+  num_steps: int = 20            # BPTT window (time steps per minibatch)
+  num_layers: int = 2            # stacked LSTM layers
+  hidden_size: int = 200         # LSTM units per layer = embedding size
+  dropout: float = 0.0           # probability of dropping a non-recurrent activation
+  init_scale: float = 0.1        # every parameter ~ U(-init_scale, init_scale)
+  learning_rate: float = 1.0     # SGD rate for the first max_epoch epochs
+  max_epoch: int = 4             # epochs at the full learning rate
+  max_max_epoch: int = 13        # epochs in all
+  lr_decay: float = 2.0          # divisor applied after each epoch past max_epoch
+  max_grad_norm: float = 5.0     # clip the global gradient norm to this
+  seed: int = 0                  # the one seed every PRNG key derives from
+  max_train_steps: int = 0       # stop after this many steps (0: no cap)
+  log_per_epoch: int = 10        # progress lines per epoch
+  test_chunk: int = 1024         # tokens per scan chunk in the batch-1 test pass
+
+  def __post_init__(self):
+    errors = []
+    if self.mode not in MODES:
+      errors.append(f"--mode={self.mode!r} is unknown; use one of {', '.join(MODES)}")
+    if self.level not in LEVELS:
+      errors.append(f"--level={self.level!r} is unknown; use one of {', '.join(LEVELS)}")
+    for name in ("batch_size", "num_steps", "num_layers", "hidden_size",
+                 "max_epoch", "max_max_epoch", "log_per_epoch", "test_chunk"):
+      value = getattr(self, name)
+      if value < 1:
+        errors.append(f"--{name}={value} must be at least 1")
+    if not 0.0 <= self.dropout < 1.0:
+      errors.append(f"--dropout={self.dropout} must be in [0, 1) (it is the probability of dropping)")
+    for name in ("init_scale", "learning_rate", "max_grad_norm"):
+      value = getattr(self, name)
+      if not value > 0:
+        errors.append(f"--{name}={value} must be positive")
+    if not self.lr_decay >= 1.0:
+      errors.append(f"--lr_decay={self.lr_decay} must be >= 1 (it divides the learning rate)")
+    if self.max_train_steps < 0:
+      errors.append(f"--max_train_steps={self.max_train_steps} must be >= 0 (0 means no cap)")
+    if errors:
+      raise ValueError("; ".join(errors))
+
+  def replace(self, **changes) -> "Config":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)

@@ -1,0 +1,75 @@
+"""Command line: flags -> Config -> the chosen mode.
+
+  python -m zaremba_jax.main --flagfile=experiments/small.flags --workdir=runs/small
+"""
+
+import dataclasses
+import sys
+
+from absl import app
+from absl import flags
+
+from zaremba_jax import config as config_lib
+
+_DEFAULTS = config_lib.Config()
+
+flags.DEFINE_enum("mode", _DEFAULTS.mode, config_lib.MODES, "What to do.")
+flags.DEFINE_enum("level", _DEFAULTS.level, config_lib.LEVELS, "Tokens: words or characters.")
+flags.DEFINE_string("data_dir", None, "Folder with ptb.{train,valid,test}.txt. Default:"
+                    " $ZAREMBA_JAX_DATA, else a cache filled by download.")
+flags.DEFINE_string("workdir", None, "Where metrics.jsonl (and checkpoints) go.")
+flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Rows of the token stream.", lower_bound=1)
+flags.DEFINE_integer("num_steps", _DEFAULTS.num_steps, "Unrolled time steps per window.",
+                     lower_bound=1)
+flags.DEFINE_integer("num_layers", _DEFAULTS.num_layers, "Stacked LSTM layers.", lower_bound=1)
+flags.DEFINE_integer("hidden_size", _DEFAULTS.hidden_size, "LSTM units (= embedding size).",
+                     lower_bound=1)
+flags.DEFINE_float("dropout", _DEFAULTS.dropout, "Probability of dropping a non-recurrent"
+                   " activation, in [0, 1).", lower_bound=0.0)
+flags.DEFINE_float("init_scale", _DEFAULTS.init_scale, "Parameters ~ U(-init_scale, init_scale).")
+flags.DEFINE_float("learning_rate", _DEFAULTS.learning_rate, "Initial SGD learning rate.")
+flags.DEFINE_integer("max_epoch", _DEFAULTS.max_epoch, "Epochs at the initial learning rate.",
+                     lower_bound=1)
+flags.DEFINE_integer("max_max_epoch", _DEFAULTS.max_max_epoch, "Epochs in all.", lower_bound=1)
+flags.DEFINE_float("lr_decay", _DEFAULTS.lr_decay, "Divide the learning rate by this after each"
+                   " epoch past --max_epoch.", lower_bound=1.0)
+flags.DEFINE_float("max_grad_norm", _DEFAULTS.max_grad_norm, "Clip the global gradient norm.")
+flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of every PRNG key.")
+flags.DEFINE_integer("max_train_steps", _DEFAULTS.max_train_steps, "Stop after this many steps"
+                     " (0: no cap); for smoke runs.", lower_bound=0)
+flags.DEFINE_integer("log_per_epoch", _DEFAULTS.log_per_epoch, "Progress lines per epoch.",
+                     lower_bound=1)
+
+flags.register_validator("dropout", lambda v: 0.0 <= v < 1.0,
+                         "--dropout must be in [0, 1): it is the probability of dropping")
+for _name in ("init_scale", "learning_rate", "max_grad_norm"):
+  flags.register_validator(_name, lambda v: v > 0, f"--{_name} must be positive")
+
+FLAGS = flags.FLAGS
+
+
+def config_from_flags() -> config_lib.Config:
+  fields = {f.name for f in dataclasses.fields(config_lib.Config)}
+  return config_lib.Config(**{name: FLAGS[name].value for name in fields if name in FLAGS})
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = config_from_flags()
+  # Imported here so that --help and flag errors don't wait for jax.
+  from zaremba_jax import data as data_lib
+  from zaremba_jax import loop
+  try:
+    if config.mode == "train":
+      loop.train_and_evaluate(config, FLAGS.data_dir, FLAGS.workdir)
+    else:
+      raise app.UsageError(f"--mode={config.mode} needs checkpoints, which this version lacks")
+  except data_lib.DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,121 @@
+"""Optimisation: the learning-rate schedule, the train state, and the jitted step functions.
+
+Everything here is a pure function of its arguments; the epoch loop lives in `loop.py`.
+"""
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from zaremba_jax import model as model_lib
+
+
+def learning_rate_for_epoch(epoch: int, learning_rate: float, max_epoch: int,
+                            lr_decay: float) -> float:
+  """The paper's rate for 1-based `epoch`: full for epochs 1..max_epoch, then / lr_decay per epoch.
+
+  Zaremba et al. (2014), section 4.1, large model: "we train for 14 epochs with a learning rate
+  of 1 and then ... we reduce the learning rate by a factor of 1.15 after each epoch", so epoch 15
+  runs at 1/1.15. The TensorFlow PTB tutorial agrees; the paper's Torch code decays one epoch
+  later (epoch 16 is the first at 1/1.15). We follow the paper.
+  """
+  return learning_rate / lr_decay ** max(0, epoch - max_epoch)
+
+
+def make_schedule(learning_rate: float, max_epoch: int, lr_decay: float,
+                  steps_per_epoch: int) -> optax.Schedule:
+  """`learning_rate_for_epoch` as an optax schedule of the global step (0-based)."""
+  def schedule(step):
+    epoch = step // steps_per_epoch + 1
+    exponent = jnp.maximum(0, epoch - max_epoch).astype(jnp.float32)
+    return learning_rate / jnp.power(jnp.float32(lr_decay), exponent)
+  return schedule
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Clip the global gradient norm, then SGD under the paper's schedule."""
+  schedule = make_schedule(config.learning_rate, config.max_epoch, config.lr_decay,
+                           steps_per_epoch)
+  return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                     optax.sgd(schedule))
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training run carries from step to step, as one pytree."""
+
+  step: jax.Array                       # global step, int32 scalar
+  params: Any
+  opt_state: optax.OptState
+  carry: model_lib.LSTMState            # LSTM state carried into the next window
+  key: jax.Array                        # dropout key; each step folds in its step number
+
+
+def create_train_state(config, model: model_lib.LanguageModel, tx, key: jax.Array) -> TrainState:
+  init_key, dropout_key = jax.random.split(key)
+  carry = model_lib.zero_state(config.num_layers, config.batch_size, config.hidden_size)
+  tokens = jnp.zeros((config.batch_size, config.num_steps), jnp.int32)
+  params = model.init(init_key, tokens, carry, train=False)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    carry=carry, key=dropout_key)
+
+
+def sequence_loss(logits_BxTxV, targets_BxT):
+  """The paper code's loss: cross-entropy averaged over the batch and summed over time.
+
+  Returns:
+    (loss, nll_sum): the differentiated loss and the total NLL in nats.
+  """
+  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+  nll_sum = nll_BxT.sum()
+  return nll_sum / targets_BxT.shape[0], nll_sum
+
+
+def train_step(state: TrainState, inputs_BxT, targets_BxT, *, model, tx):
+  """One SGD step on one window; the carry advances to the window's end (truncated BPTT)."""
+  dropout_key = jax.random.fold_in(state.key, state.step)
+
+  def loss_fn(params):
+    logits_BxTxV, carry = model.apply({"params": params}, inputs_BxT, state.carry, train=True,
+                                      rngs={"dropout": dropout_key})
+    loss, nll_sum = sequence_loss(logits_BxTxV, targets_BxT)
+    return loss, (carry, nll_sum)
+
+  (_, (carry, nll_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"nll_sum": nll_sum, "grad_norm": optax.global_norm(grads)}
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            carry=jax.lax.stop_gradient(carry))
+  return new_state, metrics
+
+
+def evaluate(params, inputs_NxBxT, targets_NxBxT, mask_NxBxT, *, model):
+  """Total NLL and token count over windows run in order, the state carried from a zero start.
+
+  With batch 1 and the whole stream this is the paper's test protocol: the state runs token by
+  token from the first token to the last. One scan over all windows, so one dispatch in all.
+  """
+  num_layers = model.num_layers
+  carry = model_lib.zero_state(num_layers, inputs_NxBxT.shape[1], model.hidden_size)
+
+  def body(carry, window):
+    inputs_BxT, targets_BxT, mask_BxT = window
+    logits_BxTxV, carry = model.apply({"params": params}, inputs_BxT, carry, train=False)
+    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+    return carry, ((nll_BxT * mask_BxT).sum(), mask_BxT.sum())
+
+  _, (nll_N, count_N) = jax.lax.scan(body, carry, (inputs_NxBxT, targets_NxBxT, mask_NxBxT))
+  return nll_N.sum(), count_N.sum()
+
+
+def jit_train_step(model, tx):
+  return jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=0)
+
+
+def jit_evaluate(model):
+  return jax.jit(functools.partial(evaluate, model=model))
