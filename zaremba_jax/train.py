@@ -88,7 +88,7 @@ def train_step(state: TrainState, inputs_BxT, targets_BxT, *, model, tx):
   (_, (carry, nll_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"nll_sum": nll_sum, "grad_norm": optax.global_norm(grads)}
+  metrics = {"nll_sum": nll_sum, "grad_norm": optax.tree.norm(grads)}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             carry=jax.lax.stop_gradient(carry))
   return new_state, metrics
