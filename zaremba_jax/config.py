@@ -31,6 +31,8 @@ class Config:
   max_train_steps: int = 0       # stop after this many steps (0: no cap)
   log_per_epoch: int = 10        # progress lines per epoch
   test_chunk: int = 1024         # tokens per scan chunk in the batch-1 test pass
+  checkpoint_every_steps: int = 1000  # save every this many steps (and at each epoch end)
+  keep_checkpoints: int = 3      # recent checkpoints kept (the best is kept besides)
 
   def __post_init__(self):
     errors = []
@@ -39,7 +41,8 @@ class Config:
     if self.level not in LEVELS:
       errors.append(f"--level={self.level!r} is unknown; use one of {', '.join(LEVELS)}")
     for name in ("batch_size", "num_steps", "num_layers", "hidden_size",
-                 "max_epoch", "max_max_epoch", "log_per_epoch", "test_chunk"):
+                 "max_epoch", "max_max_epoch", "log_per_epoch", "test_chunk",
+                 "checkpoint_every_steps", "keep_checkpoints"):
       value = getattr(self, name)
       if value < 1:
         errors.append(f"--{name}={value} must be at least 1")

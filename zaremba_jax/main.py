@@ -4,6 +4,7 @@
 """
 
 import dataclasses
+import signal
 import sys
 
 from absl import app
@@ -37,6 +38,12 @@ flags.DEFINE_float("max_grad_norm", _DEFAULTS.max_grad_norm, "Clip the global gr
 flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of every PRNG key.")
 flags.DEFINE_integer("max_train_steps", _DEFAULTS.max_train_steps, "Stop after this many steps"
                      " (0: no cap); for smoke runs.", lower_bound=0)
+flags.DEFINE_integer("checkpoint_every_steps", _DEFAULTS.checkpoint_every_steps,
+                     "Checkpoint every this many steps (and at each epoch end).", lower_bound=1)
+flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints, "Recent checkpoints to keep"
+                     " (the best by validation perplexity is kept besides).", lower_bound=1)
+flags.DEFINE_bool("restart", False, "Discard the checkpoints in --workdir and start over.")
+flags.DEFINE_integer("checkpoint_step", None, "--mode=evaluate: this checkpoint, not the best.")
 flags.DEFINE_integer("log_per_epoch", _DEFAULTS.log_per_epoch, "Progress lines per epoch.",
                      lower_bound=1)
 
@@ -53,19 +60,41 @@ def config_from_flags() -> config_lib.Config:
   return config_lib.Config(**{name: FLAGS[name].value for name in fields if name in FLAGS})
 
 
+class StopOnSignal:
+  """SIGTERM and SIGINT ask the run to checkpoint and stop; a second one stops at once."""
+
+  def __init__(self):
+    self.reason = None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(signum, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.reason:
+      raise KeyboardInterrupt
+    self.reason = signal.Signals(signum).name
+
+  def __call__(self):
+    return self.reason
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = config_from_flags()
+  if config.mode == "evaluate" and not FLAGS.workdir:
+    raise app.UsageError("--mode=evaluate needs --workdir, the folder of a training run")
   # Imported here so that --help and flag errors don't wait for jax.
+  from zaremba_jax import checkpoint as checkpoint_lib
   from zaremba_jax import data as data_lib
   from zaremba_jax import loop
   try:
     if config.mode == "train":
-      loop.train_and_evaluate(config, FLAGS.data_dir, FLAGS.workdir)
-    else:
-      raise app.UsageError(f"--mode={config.mode} needs checkpoints, which this version lacks")
-  except data_lib.DataError as e:
+      loop.train_and_evaluate(config, FLAGS.data_dir, FLAGS.workdir, restart=FLAGS.restart,
+                              stop_requested=StopOnSignal())
+    elif config.mode == "evaluate":
+      loop.evaluate_checkpoint(FLAGS.workdir, FLAGS.data_dir, FLAGS.checkpoint_step)
+  except (data_lib.DataError, checkpoint_lib.CheckpointError, loop.ResumeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

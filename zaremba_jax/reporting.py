@@ -22,6 +22,7 @@ class Reporter:
     if self.path:
       os.makedirs(workdir, exist_ok=True)
     self.start = time.time()
+    self.records = []
 
   def minutes(self) -> float:
     return (time.time() - self.start) / 60.0
@@ -30,9 +31,19 @@ class Reporter:
     print(line, file=self.stream, flush=True)
 
   def log(self, record: dict) -> None:
+    self.records.append(record)
     if self.path:
       with open(self.path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+  def restore(self, records: list[dict]) -> None:
+    """Continues from a checkpoint: metrics.jsonl becomes exactly the records saved with it."""
+    self.records = list(records)
+    if self.path:
+      tmp = self.path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in self.records)
+      os.replace(tmp, self.path)
 
   def train_progress(self, *, step, epoch, fraction, nll_sum, count, words_per_sec,
                      learning_rate, grad_norm) -> None:

@@ -1,0 +1,162 @@
+"""Checkpoints: bit-exact resume, signals, damaged checkpoints, refused flags, evaluate mode."""
+
+import glob
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+
+import jax
+import numpy as np
+from absl.testing import absltest
+
+from zaremba_jax import checkpoint as checkpoint_lib
+from zaremba_jax import loop
+from zaremba_jax import reporting
+from tests import helpers
+
+TIMING = ("words_per_sec", "minutes")
+
+
+def untimed(records):
+  return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def read_metrics(workdir):
+  import json
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+class ResumeTest(absltest.TestCase):
+  maxDiff = None
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.data = helpers.write_tiny_corpus(tempfile.mkdtemp())
+    # Dropout on, so the PRNG key's continuation is checked too; ~100 windows an epoch.
+    cls.config = helpers.tiny_config(dropout=0.3, max_train_steps=140, checkpoint_every_steps=30,
+                                     log_per_epoch=4)
+
+  def train(self, workdir, stop_after=None, **changes):
+    """Trains in `workdir`; with `stop_after`, asks the run to stop after that many steps."""
+    out = io.StringIO()
+    calls = []
+    def stop_requested():
+      calls.append(1)
+      return "stop requested" if stop_after and len(calls) >= stop_after else None
+    result = loop.train_and_evaluate(self.config.replace(**changes), self.data, workdir,
+                                     reporting.Reporter(workdir, out),
+                                     stop_requested=stop_requested)
+    return result, out.getvalue()
+
+  def test_stop_and_resume_is_bit_exact(self):
+    straight_dir = self.create_tempdir().full_path
+    straight, _ = self.train(straight_dir)
+    resumed_dir = self.create_tempdir().full_path
+    stopped, log = self.train(resumed_dir, stop_after=70)  # mid-epoch: epoch 1 has 99 windows
+    self.assertIsNone(stopped)
+    self.assertIn("stop requested: saved step 70", log)
+    resumed, log = self.train(resumed_dir)
+    self.assertIn("resuming from", log)
+    self.assertIn("checkpoints/70: epoch 1, window 70", log)
+    a, b = straight["state"], resumed["state"]
+    self.assertEqual(int(a.step), 140)
+    self.assertEqual(int(b.step), 140)
+    for x, y in zip(jax.tree.leaves(a.params) + jax.tree.leaves(a.carry),
+                    jax.tree.leaves(b.params) + jax.tree.leaves(b.carry)):
+      np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(jax.random.key_data(a.key), jax.random.key_data(b.key))
+    self.assertEqual((straight["valid"], straight["test"]), (resumed["valid"], resumed["test"]))
+    self.assertEqual(untimed(read_metrics(straight_dir)), untimed(read_metrics(resumed_dir)))
+
+  def test_damaged_newest_checkpoint_is_skipped(self):
+    workdir = self.create_tempdir().full_path
+    self.train(workdir, max_train_steps=70)
+    steps = checkpoint_lib.Checkpointer(workdir).steps()
+    self.assertEqual(steps, [30, 60, 70])
+    for path in glob.glob(os.path.join(workdir, "checkpoints", "70", "state", "**", "*"),
+                          recursive=True):
+      if os.path.isfile(path) and "manifest" in path:
+        with open(path, "r+b") as f:
+          f.truncate(10)
+    _, log = self.train(workdir, max_train_steps=75)
+    self.assertRegex(log, r"skipping unreadable checkpoint .*checkpoints/70")
+    self.assertIn("resuming from", log)
+    self.assertRegex(log, r"checkpoints/60: epoch 1, window 60")
+
+  def test_shape_changing_flag_is_refused(self):
+    workdir = self.create_tempdir().full_path
+    self.train(workdir, max_train_steps=30)
+    with self.assertRaisesRegex(loop.ResumeError, r"--hidden_size=32 .* --hidden_size=16"):
+      self.train(workdir, max_train_steps=60, hidden_size=32)
+    # Nothing was lost: the old run still resumes.
+    result, log = self.train(workdir, max_train_steps=60)
+    self.assertIn("resuming from", log)
+    self.assertEqual(int(result["state"].step), 60)
+
+  def test_restart_discards(self):
+    workdir = self.create_tempdir().full_path
+    self.train(workdir, max_train_steps=30)
+    out = io.StringIO()
+    result = loop.train_and_evaluate(self.config.replace(max_train_steps=10), self.data, workdir,
+                                     reporting.Reporter(workdir, out), restart=True)
+    self.assertIn("--restart: discarded checkpoints/ (steps 30)", out.getvalue())
+    self.assertEqual(int(result["state"].step), 10)
+    self.assertNotIn("resuming", out.getvalue())
+    self.assertEqual(checkpoint_lib.Checkpointer(workdir).steps(), [10])
+    self.assertEqual(max(r["step"] for r in read_metrics(workdir)), 10)
+
+  def test_evaluate_reproduces_the_end_of_training(self):
+    workdir = self.create_tempdir().full_path
+    trained, _ = self.train(workdir, max_train_steps=0, max_max_epoch=2)
+    out = io.StringIO()
+    result = loop.evaluate_checkpoint(workdir, self.data, reporter=reporting.Reporter(None, out))
+    self.assertEqual(result["valid"], trained["valid"])
+    self.assertEqual(result["test"], trained["test"])
+
+  def test_evaluate_without_checkpoint_says_so(self):
+    workdir = self.create_tempdir().full_path
+    with self.assertRaisesRegex(checkpoint_lib.CheckpointError, "no checkpoint in"):
+      loop.evaluate_checkpoint(workdir, self.data)
+
+
+class SignalTest(absltest.TestCase):
+
+  def run_main(self, data, workdir, *extra, stop_after_line=None):
+    args = [sys.executable, "-m", "zaremba_jax.main", f"--data_dir={data}", f"--workdir={workdir}",
+            "--batch_size=4", "--num_steps=5", "--hidden_size=64", "--max_epoch=2",
+            "--max_max_epoch=6", "--log_per_epoch=20", "--checkpoint_every_steps=100000", *extra]
+    proc = subprocess.Popen(args, cwd=helpers.REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in proc.stdout:
+      lines.append(line)
+      if stop_after_line and stop_after_line in line:
+        proc.send_signal(signal.SIGTERM)
+        stop_after_line = None
+    return proc.wait(timeout=300), "".join(lines)
+
+  def test_sigterm_saves_and_the_rerun_finishes_the_same(self):
+    data = helpers.write_tiny_corpus(self.create_tempdir().full_path, n_lines=(2000, 40, 40))
+    straight_dir = self.create_tempdir().full_path
+    rc, straight = self.run_main(data, straight_dir)
+    self.assertEqual(rc, 0)
+    stopped_dir = self.create_tempdir().full_path
+    rc, first = self.run_main(data, stopped_dir, stop_after_line="epoch   2   ")
+    self.assertEqual(rc, 0, first)
+    self.assertRegex(first, r"SIGTERM: saved step \d+ in .*; run the same command again")
+    self.assertNotIn("summary", first)
+    rc, second = self.run_main(data, stopped_dir)
+    self.assertEqual(rc, 0)
+    self.assertIn("resuming from", second)
+    summary = lambda log: re.search(r"summary: valid ppl (\S+)  test ppl (\S+)", log).groups()
+    self.assertEqual(summary(straight), summary(second))
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,141 @@
+"""Orbax checkpoints in WORKDIR: the latest few, and the best by validation perplexity.
+
+A checkpoint holds the whole TrainState (params, optimizer state, the LSTM carry, the PRNG key,
+the step) and, as JSON, the run's config, vocabulary, position in the data and metrics so far:
+everything a continuation needs to be bit-identical to a run that never stopped.
+
+Orbax writes each checkpoint into a temporary folder and renames it when complete, so a run
+killed mid-save leaves the earlier checkpoints intact; a damaged one is skipped on restore.
+"""
+
+import os
+import shutil
+
+import jax
+import orbax.checkpoint as ocp
+
+LATEST = "checkpoints"
+BEST = "best"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written or read. The message says what to do."""
+
+
+def abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+  """Two Orbax managers in `workdir`: `checkpoints/` (the last `keep`) and `best/` (one)."""
+
+  def __init__(self, workdir: str, keep: int = 3):
+    self.workdir = os.path.abspath(workdir)
+    self.keep = keep
+    self._managers = {}
+
+  def _manager(self, kind: str) -> ocp.CheckpointManager:
+    if kind not in self._managers:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=self.keep if kind == LATEST else 1, enable_async_checkpointing=True,
+          cleanup_tmp_directories=True, create=True)
+      self._managers[kind] = ocp.CheckpointManager(os.path.join(self.workdir, kind),
+                                                   options=options)
+    return self._managers[kind]
+
+  def steps(self, kind: str = LATEST) -> list[int]:
+    if not os.path.isdir(os.path.join(self.workdir, kind)):
+      return []
+    return sorted(self._manager(kind).all_steps())
+
+  def save(self, step: int, state, meta: dict, best: bool = False) -> None:
+    """Starts writing `state` and `meta` in the background (the arrays are copied first)."""
+    for kind in (LATEST, BEST) if best else (LATEST,):
+      manager = self._manager(kind)
+      try:
+        if step in manager.all_steps():
+          continue
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)))
+      except Exception as e:  # pylint: disable=broad-except
+        self._fail(kind, step, e)
+
+  def wait(self) -> None:
+    """Blocks until every save in flight is on disk."""
+    for kind, manager in self._managers.items():
+      try:
+        manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        self._fail(kind, None, e)
+
+  def _fail(self, kind, step, error):
+    kept = self.steps(LATEST)
+    raise CheckpointError(
+        f"could not write checkpoint{'' if step is None else f' {step}'} in"
+        f" {os.path.join(self.workdir, kind)} ({type(error).__name__}: {error}); the earlier"
+        f" checkpoints are intact ({'latest: step ' + str(kept[-1]) if kept else 'none yet'});"
+        f" free disk space and rerun the same command to resume") from error
+
+  def restore(self, target, kind: str = LATEST, step: int | None = None, check=None,
+              say=print):
+    """Restores (state, meta) from the newest readable checkpoint of `kind` (or exactly `step`).
+
+    Args:
+      target: a pytree like the saved state (arrays or ShapeDtypeStructs).
+      kind: LATEST or BEST.
+      step: restore this step only.
+      check: called with the checkpoint's meta before its arrays are read; raise to refuse.
+      say: where warnings go.
+
+    Unreadable checkpoints (a truncated or deleted file) are skipped with a warning naming them.
+
+    Returns:
+      (state, meta, step), or None when there is no readable checkpoint.
+    """
+    candidates = [step] if step is not None else self.steps(kind)[::-1]
+    for candidate in candidates:
+      path = os.path.join(self.workdir, kind, str(candidate))
+      try:
+        meta = self.read_meta(kind, candidate)
+      except Exception as e:  # pylint: disable=broad-except
+        self._skip(path, e, say)
+        continue
+      if check:
+        check(meta)
+      try:
+        state = self._manager(kind).restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract(target)))).state
+        return state, meta, candidate
+      except Exception as e:  # pylint: disable=broad-except
+        self._skip(path, e, say)
+    return None
+
+  @staticmethod
+  def _skip(path, error, say):
+    message = f"skipping unreadable checkpoint {path}: {type(error).__name__}: {str(error)[:160]}"
+    say(f"warning: {message}")
+
+  def read_meta(self, kind: str, step: int) -> dict:
+    return self._manager(kind).restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
+
+  def discard(self) -> list[str]:
+    """Deletes every checkpoint; returns what was deleted, for the message."""
+    self.close()
+    gone = []
+    for kind in (LATEST, BEST):
+      path = os.path.join(self.workdir, kind)
+      if os.path.isdir(path):
+        gone.append(f"{kind}/ (steps {', '.join(map(str, sorted(self._steps_on_disk(path))))})")
+        shutil.rmtree(path)
+    return gone
+
+  @staticmethod
+  def _steps_on_disk(path):
+    return [int(n) for n in os.listdir(path) if n.isdigit()]
+
+  def close(self) -> None:
+    for manager in self._managers.values():
+      manager.wait_until_finished()
+      manager.close()
+    self._managers = {}
