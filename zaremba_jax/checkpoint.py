@@ -8,11 +8,17 @@ Orbax writes each checkpoint into a temporary folder and renames it when complet
 killed mid-save leaves the earlier checkpoints intact; a damaged one is skipped on restore.
 """
 
+import dataclasses
 import os
 import shutil
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from zaremba_jax import config as config_lib
+from zaremba_jax import model as model_lib
+from zaremba_jax import train as train_lib
 
 LATEST = "checkpoints"
 BEST = "best"
@@ -77,7 +83,7 @@ class Checkpointer:
         f" free disk space and rerun the same command to resume") from error
 
   def restore(self, target, kind: str = LATEST, step: int | None = None, check=None,
-              say=print):
+              target_from_meta=None, say=print):
     """Restores (state, meta) from the newest readable checkpoint of `kind` (or exactly `step`).
 
     Args:
@@ -85,6 +91,7 @@ class Checkpointer:
       kind: LATEST or BEST.
       step: restore this step only.
       check: called with the checkpoint's meta before its arrays are read; raise to refuse.
+      target_from_meta: builds the target from the checkpoint's meta (instead of `target`).
       say: where warnings go.
 
     Unreadable checkpoints (a truncated or deleted file) are skipped with a warning naming them.
@@ -102,9 +109,10 @@ class Checkpointer:
         continue
       if check:
         check(meta)
+      goal = target_from_meta(meta) if target_from_meta else target
       try:
         state = self._manager(kind).restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract(target)))).state
+            state=ocp.args.StandardRestore(abstract(goal)))).state
         return state, meta, candidate
       except Exception as e:  # pylint: disable=broad-except
         self._skip(path, e, say)
@@ -139,3 +147,58 @@ class Checkpointer:
       manager.wait_until_finished()
       manager.close()
     self._managers = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A trained model loaded for evaluation or generation."""
+
+  config: config_lib.Config
+  vocab: tuple[str, ...]
+  model: model_lib.LanguageModel
+  params: Any
+  step: int
+  epoch: int
+  path: str
+
+
+def load_trained(workdir: str, step: int | None = None, say=print) -> Trained:
+  """Loads the best checkpoint in `workdir` (the latest if none is marked best), or `step`.
+
+  The model's flags and vocabulary come from the checkpoint itself.
+
+  Raises:
+    CheckpointError: there is no such checkpoint, or none is readable.
+  """
+  ckpt = Checkpointer(workdir)
+  try:
+    latest, best = ckpt.steps(LATEST), ckpt.steps(BEST)
+    if step is not None:
+      if step not in latest + best:
+        raise CheckpointError(f"no checkpoint {step} in {workdir}; it has steps"
+                              f" {sorted(set(latest + best))}; pick one with --checkpoint_step")
+      kind = LATEST if step in latest else BEST
+    else:
+      kind = BEST if best else LATEST
+    if not (latest + best):
+      raise CheckpointError(f"no checkpoint in {workdir}; train there first"
+                            f" (--mode=train --workdir={workdir})")
+    holder = {}
+
+    def build_target(meta):
+      config = config_lib.Config(**meta["config"])
+      model = model_lib.make_model(config, len(meta["vocab"]))
+      tx = train_lib.make_optimizer(config, 1)
+      holder.update(config=config, model=model)
+      return jax.eval_shape(lambda: train_lib.create_train_state(config, model, tx,
+                                                                 jax.random.key(0)))
+
+    restored = ckpt.restore(None, kind=kind, step=step, target_from_meta=build_target, say=say)
+    if restored is None:
+      raise CheckpointError(f"no readable checkpoint in {os.path.join(workdir, kind)}")
+    state, meta, saved_step = restored
+  finally:
+    ckpt.close()
+  return Trained(config=holder["config"], vocab=tuple(meta["vocab"]), model=holder["model"],
+                 params=state.params, step=saved_step, epoch=meta["progress"]["epoch"],
+                 path=os.path.join(workdir, kind, str(saved_step)))

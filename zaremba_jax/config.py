@@ -6,8 +6,8 @@ checked anywhere (a notebook, a test, the command line).
 
 import dataclasses
 
-MODES = ("train", "evaluate")
-LEVELS = ("word",)
+MODES = ("train", "evaluate", "query", "serve", "sample")
+LEVELS = ("word", "char")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,7 +15,7 @@ class Config:
   """Everything that defines a run. Defaults are the paper's small model."""
 
   mode: str = "train"            # what main does: train, evaluate
-  level: str = "word"            # tokenisation of PTB: word
+  level: str = "word"            # tokenisation of PTB: word or char
   batch_size: int = 20           # rows the token stream is cut into
   num_steps: int = 20            # BPTT window (time steps per minibatch)
   num_layers: int = 2            # stacked LSTM layers

@@ -120,6 +120,7 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
     'state': the final TrainState}, or None when stopped on request (after saving).
   """
   reporter = reporter or reporting.Reporter(workdir)
+  reporter.level = config.level
   corpus = load_corpus(config, data_dir)
   run = Run(config, corpus)
   ckpt = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints) if workdir else None
@@ -251,8 +252,9 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
       ckpt.close()
   words_per_sec = progress.train_words / progress.train_seconds if progress.train_seconds else 0.0
   minutes = reporter.minutes()
-  reporter.say(f"summary: valid ppl {valid_ppl:.2f}  test ppl {test_ppl:.2f}  wall time"
-               f" {minutes:.1f} min  train words/s {words_per_sec:.0f}")
+  name = reporter.headline_name()
+  reporter.say(f"summary: valid {name} {valid_ppl:.2f}  test {name} {test_ppl:.2f}  wall time"
+               f" {minutes:.1f} min  train {config.level}s/s {words_per_sec:.0f}")
   return {"valid": valid_ppl, "test": test_ppl, "minutes": minutes,
           "words_per_sec": words_per_sec, "state": state}
 
@@ -263,45 +265,22 @@ def evaluate_checkpoint(workdir: str, data_dir: str | None, step: int | None = N
 
   The model's flags come from the checkpoint, so none need be given.
   """
-  ckpt = checkpoint_lib.Checkpointer(workdir)
-  try:
-    kind = checkpoint_lib.BEST
-    if step is not None:
-      if step in ckpt.steps(checkpoint_lib.LATEST):
-        kind = checkpoint_lib.LATEST
-      elif step not in ckpt.steps(checkpoint_lib.BEST):
-        raise checkpoint_lib.CheckpointError(
-            f"no checkpoint {step} in {workdir}; it has steps"
-            f" {sorted(set(ckpt.steps(checkpoint_lib.LATEST) + ckpt.steps(checkpoint_lib.BEST)))}")
-    elif not ckpt.steps(kind):
-      kind = checkpoint_lib.LATEST
-    steps = ckpt.steps(kind)
-    if not steps:
-      raise checkpoint_lib.CheckpointError(f"no checkpoint in {workdir}; train there first"
-                                           f" (--mode=train --workdir={workdir})")
-    meta = ckpt.read_meta(kind, step if step is not None else steps[-1])
-    saved = dict(meta["config"])
-    config = config_lib.Config(**{**saved, "mode": "evaluate"})
-    corpus = load_corpus(config, data_dir)
-    if list(corpus.vocab) != meta["vocab"]:
-      raise ResumeError("the corpus's vocabulary differs from the checkpoint's; pass the"
-                        " --data_dir the run was trained on")
-    run = Run(config, corpus)
-    reporter = reporter or reporting.Reporter(workdir)
-    restored = ckpt.restore(run.abstract_state(), kind=kind, step=step, say=reporter.say)
-    if restored is None:
-      raise checkpoint_lib.CheckpointError(f"no readable checkpoint in {workdir}/{kind}")
-    state, meta, saved_step = restored
-  finally:
-    ckpt.close()
-  reporter.say(f"evaluating {workdir}/{kind}/{saved_step}")
-  evaluator = Evaluator(config, corpus, run.model)
-  epoch = meta["progress"]["epoch"]
-  result = {"step": saved_step}
+  reporter = reporter or reporting.Reporter(workdir)
+  trained = checkpoint_lib.load_trained(workdir, step, say=reporter.say)
+  config = trained.config
+  reporter.level = config.level
+  corpus = load_corpus(config, data_dir)
+  if list(corpus.vocab) != list(trained.vocab):
+    raise ResumeError("the corpus's vocabulary differs from the checkpoint's; pass the"
+                      " --data_dir the run was trained on")
+  reporter.say(f"evaluating {trained.path}")
+  evaluator = Evaluator(config, corpus, trained.model)
+  result = {"step": trained.step}
   for split in ("valid", "test"):
-    result[split] = reporter.eval_result(step=saved_step, epoch=epoch, split=split,
+    result[split] = reporter.eval_result(step=trained.step, epoch=trained.epoch, split=split,
                                          learning_rate=float("nan"),
-                                         **evaluator(state.params, split))
-  reporter.say(f"summary: valid ppl {result['valid']:.2f}  test ppl {result['test']:.2f}"
-               f"  (checkpoint {saved_step})")
+                                         **evaluator(trained.params, split))
+  name = reporter.headline_name()
+  reporter.say(f"summary: valid {name} {result['valid']:.2f}  test {name} {result['test']:.2f}"
+               f"  (checkpoint {trained.step})")
   return result

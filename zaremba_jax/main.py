@@ -44,6 +44,13 @@ flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints, "Recent che
                      " (the best by validation perplexity is kept besides).", lower_bound=1)
 flags.DEFINE_bool("restart", False, "Discard the checkpoints in --workdir and start over.")
 flags.DEFINE_integer("checkpoint_step", None, "--mode=evaluate: this checkpoint, not the best.")
+flags.DEFINE_float("temperature", 0.0, "query/sample: softmax temperature; 0 picks the most"
+                   " likely token.", lower_bound=0.0)
+flags.DEFINE_integer("top_k", 0, "query/sample: draw only from the k most likely tokens (0: all).",
+                     lower_bound=0)
+flags.DEFINE_integer("max_query_len", 100, "query: most words predicted per line.", lower_bound=1)
+flags.DEFINE_integer("sample_len", 200, "sample: tokens to generate.", lower_bound=1)
+flags.DEFINE_string("prime", "", "sample: text to start from.")
 flags.DEFINE_integer("log_per_epoch", _DEFAULTS.log_per_epoch, "Progress lines per epoch.",
                      lower_bound=1)
 
@@ -82,8 +89,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = config_from_flags()
-  if config.mode == "evaluate" and not FLAGS.workdir:
-    raise app.UsageError("--mode=evaluate needs --workdir, the folder of a training run")
+  if config.mode != "train" and not FLAGS.workdir:
+    raise app.UsageError(f"--mode={config.mode} needs --workdir, the folder of a training run")
   # Imported here so that --help and flag errors don't wait for jax.
   from zaremba_jax import checkpoint as checkpoint_lib
   from zaremba_jax import data as data_lib
@@ -94,10 +101,30 @@ def main(argv):
                               stop_requested=StopOnSignal())
     elif config.mode == "evaluate":
       loop.evaluate_checkpoint(FLAGS.workdir, FLAGS.data_dir, FLAGS.checkpoint_step)
+    else:
+      return generate(config.mode)
   except (data_lib.DataError, checkpoint_lib.CheckpointError, loop.ResumeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
+
+
+def generate(mode: str) -> int:
+  """query, serve, sample: load the best checkpoint and talk on stdin/stdout."""
+  from zaremba_jax import checkpoint as checkpoint_lib
+  from zaremba_jax import sample
+  say = lambda line: print(line, file=sys.stderr, flush=True)
+  trained = checkpoint_lib.load_trained(FLAGS.workdir, FLAGS.checkpoint_step, say=say)
+  if mode == "query":
+    if trained.config.level != "word":
+      raise app.UsageError("--mode=query completes sentences with a word-level model; this"
+                           f" checkpoint is {trained.config.level}-level (try --mode=serve)")
+    return sample.run_query(trained, sys.stdin, sys.stdout, sys.stderr, FLAGS.temperature,
+                            FLAGS.top_k, FLAGS.seed, FLAGS.max_query_len)
+  if mode == "serve":
+    return sample.run_serve(trained, sys.stdin, sys.stdout, sys.stderr)
+  return sample.run_sample(trained, FLAGS.prime, FLAGS.sample_len, FLAGS.temperature,
+                           FLAGS.top_k, FLAGS.seed)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ import os
 import sys
 import time
 
+# Mean characters per word (with its separator) in PTB, the course's factor to turn a per-character
+# loss into a word-level perplexity comparable across models.
+CHARS_PER_WORD = 5.6
+
 
 def perplexity(nll_sum: float, count: float) -> float:
   """exp(total NLL / total tokens); inf rather than an overflow error for a diverged run."""
@@ -13,14 +17,27 @@ def perplexity(nll_sum: float, count: float) -> float:
   return math.exp(mean) if mean < 700 else math.inf
 
 
-class Reporter:
-  """Writes what a run measures, for people (stdout) and for programs (metrics.jsonl)."""
+def char_metrics(nll_sum: float, count: float) -> dict:
+  """Bits per character and the course's word-level perplexity exp(5.6 x mean NLL in nats)."""
+  mean = nll_sum / count
+  return {"bpc": mean / math.log(2),
+          "course_perplexity": math.exp(CHARS_PER_WORD * mean) if mean < 100 else math.inf}
 
-  def __init__(self, workdir: str | None, stream=None):
+
+class Reporter:
+  """Writes what a run measures, for people (stdout) and for programs (metrics.jsonl).
+
+  Word runs report perplexity. Char runs report bits per character and the course perplexity;
+  their headline number (returned by `eval_result`, used for the best checkpoint and the
+  summary) is the course perplexity.
+  """
+
+  def __init__(self, workdir: str | None, stream=None, level: str = "word"):
     self.stream = stream or sys.stdout
     self.path = os.path.join(workdir, "metrics.jsonl") if workdir else None
     if self.path:
       os.makedirs(workdir, exist_ok=True)
+    self.level = level
     self.start = time.time()
     self.records = []
 
@@ -45,20 +62,33 @@ class Reporter:
         f.writelines(json.dumps(r) + "\n" for r in self.records)
       os.replace(tmp, self.path)
 
+  def measures(self, nll_sum: float, count: float) -> tuple[dict, str, float]:
+    """(fields for metrics.jsonl, text for people, headline number) of a loss total."""
+    fields = {"perplexity": perplexity(nll_sum, count)}
+    if self.level == "char":
+      fields.update(char_metrics(nll_sum, count))
+      text = f"bpc {fields['bpc']:.4f}  course ppl {fields['course_perplexity']:8.2f}"
+      return fields, text, fields["course_perplexity"]
+    return fields, f"ppl {fields['perplexity']:9.2f}", fields["perplexity"]
+
+  def headline_name(self) -> str:
+    return "course ppl" if self.level == "char" else "ppl"
+
   def train_progress(self, *, step, epoch, fraction, nll_sum, count, words_per_sec,
                      learning_rate, grad_norm) -> None:
-    ppl = perplexity(nll_sum, count)
-    self.say(f"epoch {epoch:3d}  {100 * fraction:5.1f}%  train ppl {ppl:9.2f}  "
-             f"wps {words_per_sec:7.0f}  lr {learning_rate:.4g}  grad norm {grad_norm:6.2f}  "
+    fields, text, _ = self.measures(nll_sum, count)
+    unit = "cps" if self.level == "char" else "wps"
+    self.say(f"epoch {epoch:3d}  {100 * fraction:5.1f}%  train {text}  "
+             f"{unit} {words_per_sec:7.0f}  lr {learning_rate:.4g}  grad norm {grad_norm:6.2f}  "
              f"since beginning {self.minutes():.1f} min")
-    self.log({"step": step, "epoch": epoch, "split": "train", "perplexity": ppl,
+    self.log({"step": step, "epoch": epoch, "split": "train", **fields,
               "learning_rate": learning_rate, "words_per_sec": words_per_sec,
               "grad_norm": grad_norm, "minutes": self.minutes()})
 
   def eval_result(self, *, step, epoch, split, nll_sum, count, learning_rate) -> float:
-    ppl = perplexity(nll_sum, count)
-    self.say(f"epoch {epoch:3d}  {split} ppl {ppl:.2f}  ({int(count)} tokens)  "
-             f"since beginning {self.minutes():.1f} min")
-    self.log({"step": step, "epoch": epoch, "split": split, "perplexity": ppl,
+    fields, text, headline = self.measures(nll_sum, count)
+    self.say(f"epoch {epoch:3d}  {split} {text}"
+             f"  ({int(count)} tokens)  since beginning {self.minutes():.1f} min")
+    self.log({"step": step, "epoch": epoch, "split": split, **fields,
               "learning_rate": learning_rate, "tokens": int(count), "minutes": self.minutes()})
-    return ppl
+    return headline

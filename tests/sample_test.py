@@ -1,0 +1,124 @@
+"""query_sentences, the next-character serve protocol, and sampling, on tiny trained models."""
+
+import io
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+from absl.testing import absltest
+
+from zaremba_jax import checkpoint as checkpoint_lib
+from zaremba_jax import data as data_lib
+from zaremba_jax import loop
+from zaremba_jax import reporting
+from zaremba_jax import sample
+from tests import helpers
+
+
+def train_tiny(level, data, workdir):
+  config = helpers.tiny_config(level=level, max_max_epoch=3, max_epoch=3, hidden_size=48, batch_size=8,
+                               num_steps=10)
+  return loop.train_and_evaluate(config, data, workdir, reporting.Reporter(workdir, io.StringIO()))
+
+
+class SampleTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.data = helpers.write_tiny_corpus(tempfile.mkdtemp(), n_lines=(2000, 40, 40))
+    cls.word_dir, cls.char_dir = tempfile.mkdtemp(), tempfile.mkdtemp()
+    train_tiny("word", cls.data, cls.word_dir)
+    cls.char_result = train_tiny("char", cls.data, cls.char_dir)
+    cls.word = checkpoint_lib.load_trained(cls.word_dir, say=lambda _: None)
+    cls.char = checkpoint_lib.load_trained(cls.char_dir, say=lambda _: None)
+
+  def test_query_sentences_greedy_follows_the_corpus(self):
+    # The corpus counts up ("w2 w3 w4 ..."), so a trained model continues the count.
+    (done,) = sample.query_sentences(self.word, ["2 w1 w2"])
+    self.assertEqual(done.split()[:3], ["w1", "w2", "w3"])
+    self.assertLen(done.split(), 4)
+
+  def test_query_sampling_is_seeded(self):
+    a = sample.query_sentences(self.word, ["6 w1"], temperature=1.5, seed=3)
+    b = sample.query_sentences(self.word, ["6 w1"], temperature=1.5, seed=3)
+    self.assertEqual(a, b)
+    self.assertLen(a[0].split(), 7)
+
+  def test_query_loop_errors_and_goes_on(self):
+    stdin = io.StringIO("3 w1 w2\nfoo w1\n\n0 w1\n2 zebra w1\n500 w1\n")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    rc = sample.run_query(self.word, stdin, stdout, stderr, 0.0, 0, 0, max_query_len=7)
+    self.assertEqual(rc, 0)
+    lines = stdout.getvalue().splitlines()
+    self.assertEqual([len(l.split()) for l in lines], [5, 4, 8])
+    self.assertNotIn("Query:", stdout.getvalue())  # no prompt when stdin is not a terminal
+    err = stderr.getvalue()
+    self.assertIn("'foo w1' must start with a positive integer", err)
+    self.assertIn("empty query", err)
+    self.assertIn("'0 w1' must start with a positive integer", err)
+    self.assertIn("read as <unk>: zebra", err)
+    self.assertIn("predicting 7 words, not 500", err)
+
+  def test_serve_protocol_matches_evaluate(self):
+    corpus = data_lib.load_corpus(self.data, "char")
+    tokens = [corpus.vocab[i] for i in corpus.test]
+    stdin = io.StringIO("".join(t + "\n" for t in tokens))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    self.assertEqual(sample.run_serve(self.char, stdin, stdout, stderr), 0)
+    lines = stdout.getvalue().splitlines()
+    self.assertEqual(lines[0], "OK GO")
+    self.assertLen(lines, len(tokens) + 1)
+    nll = 0.0
+    for k, line in enumerate(lines[1:]):
+      logprobs = np.array([float(x) for x in line.split(" ")])
+      self.assertLen(logprobs, len(corpus.vocab))
+      self.assertAlmostEqual(np.exp(logprobs).sum(), 1.0, places=4)
+      if k + 1 < len(tokens):
+        nll -= logprobs[corpus.vocab.index(tokens[k + 1])]
+    course = math.exp(5.6 * nll / (len(tokens) - 1))
+    self.assertAlmostEqual(course / self.char_result["test"], 1.0, delta=1e-3)
+    self.assertEqual(stderr.getvalue(), "")
+
+  def test_serve_unknown_token_still_answers(self):
+    stdin = io.StringIO("w\nQ\n1\n")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    sample.run_serve(self.char, stdin, stdout, stderr)
+    lines = stdout.getvalue().splitlines()
+    self.assertLen(lines, 4)
+    self.assertEqual(lines[1], lines[2])  # the unknown token left the state alone
+    self.assertIn("unknown token 'Q'", stderr.getvalue())
+
+  def test_sample_renders_chars_and_words(self):
+    out = io.StringIO()
+    sample.run_sample(self.char, "w1 w2", 30, 0.0, 0, 0, stdout=out, stderr=io.StringIO())
+    self.assertTrue(out.getvalue().startswith("w1 w2"))
+    self.assertNotIn("_", out.getvalue())
+    out = io.StringIO()
+    sample.run_sample(self.word, "w1", 12, 1.0, 5, 0, stdout=out, stderr=io.StringIO())
+    self.assertNotIn("<eos>", out.getvalue())
+    self.assertGreater(len(out.getvalue().split()), 3)
+
+  def test_command_line_query(self):
+    run = subprocess.run([sys.executable, "-m", "zaremba_jax.main", "--mode=query",
+                          f"--workdir={self.word_dir}"], input="5 w1 w2 w3\nbad\n",
+                         capture_output=True, text=True, cwd=helpers.REPO, timeout=300)
+    self.assertEqual(run.returncode, 0, run.stderr[-2000:])
+    self.assertEqual([len(l.split()) for l in run.stdout.splitlines()], [8])
+    self.assertIn("error: query 'bad'", run.stderr)
+
+  def test_command_line_serve_starts_with_ok_go(self):
+    run = subprocess.run([sys.executable, "-m", "zaremba_jax.main", "--mode=serve",
+                          f"--workdir={self.char_dir}"], input="w\n1\n",
+                         capture_output=True, text=True, cwd=helpers.REPO, timeout=300)
+    self.assertEqual(run.returncode, 0, run.stderr[-2000:])
+    lines = run.stdout.splitlines()
+    self.assertEqual(lines[0], "OK GO")
+    self.assertLen(lines, 3)
+
+
+if __name__ == "__main__":
+  absltest.main()
