@@ -34,6 +34,8 @@ def main():
   parser.add_argument("--min_s", type=float, default=3.0)
   parser.add_argument("--max_s", type=float, default=40.0)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--max_kills", type=int, default=10,
+                      help="after this many kills, let the run finish")
   args = parser.parse_args()
   rng = random.Random(args.seed)
   root = tempfile.mkdtemp(prefix="kill_resume_")
@@ -48,7 +50,7 @@ def main():
   while True:
     proc = subprocess.Popen(command(workdir, args), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
-    delay = rng.uniform(args.min_s, args.max_s)
+    delay = rng.uniform(args.min_s, args.max_s) if kills < args.max_kills else None
     try:
       out, _ = proc.communicate(timeout=delay)
     except subprocess.TimeoutExpired:

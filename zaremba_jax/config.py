@@ -8,6 +8,7 @@ import dataclasses
 
 MODES = ("train", "evaluate", "query", "serve", "sample")
 LEVELS = ("word", "char")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Config:
   max_train_steps: int = 0       # stop after this many steps (0: no cap)
   log_per_epoch: int = 10        # progress lines per epoch
   test_chunk: int = 1024         # tokens per scan chunk in the batch-1 test pass
+  dtype: str = "float32"         # matmul inputs: float32 or bfloat16 (state and sums stay float32)
   checkpoint_every_steps: int = 1000  # save every this many steps (and at each epoch end)
   keep_checkpoints: int = 3      # recent checkpoints kept (the best is kept besides)
 
@@ -46,6 +48,8 @@ class Config:
       value = getattr(self, name)
       if value < 1:
         errors.append(f"--{name}={value} must be at least 1")
+    if self.dtype not in DTYPES:
+      errors.append(f"--dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
     if not 0.0 <= self.dropout < 1.0:
       errors.append(f"--dropout={self.dropout} must be in [0, 1) (it is the probability of dropping)")
     for name in ("init_scale", "learning_rate", "max_grad_norm"):

@@ -6,6 +6,7 @@ and comes out explicitly, so the caller decides when it is reset (each epoch) an
 gradients stop (each window: the carry is an input, never differentiated).
 """
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -36,27 +37,85 @@ def symmetric_uniform(scale: float):
   return init
 
 
-def lstm_gates(gates_Bx4H: jax.Array, c_BxH: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The paper's cell update from pre-activations ordered [i, f, o, g]: returns (c, h)."""
-  i, f, o, g = jnp.split(gates_Bx4H, 4, axis=-1)
-  c_BxH = jax.nn.sigmoid(f) * c_BxH + jax.nn.sigmoid(i) * jnp.tanh(g)
-  h_BxH = jax.nn.sigmoid(o) * jnp.tanh(c_BxH)
-  return c_BxH, h_BxH
+def _matmul(a, b, dtype):
+  """a @ b with inputs in `dtype` (bfloat16 or float32) and float32 accumulation and result."""
+  return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH):
+def _recurrence_forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype):
+  """The loop over time; also returns what the backward pass needs."""
+  w = w_hh_Hx4H.astype(dtype)  # cast once, outside the loop
+
+  def step(carry, xw_Bx4H):
+    c_prev, h_prev = carry
+    a = xw_Bx4H + _matmul(h_prev, w, dtype)
+    i, f, o, g = jnp.split(a, 4, axis=-1)
+    i, f, o, g = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jax.nn.sigmoid(o), jnp.tanh(g)
+    c = f * c_prev + i * g
+    h = o * jnp.tanh(c)
+    return (c, h), (h, c, jnp.concatenate([i, f, o, g], axis=-1))
+
+  (c_BxH, h_BxH), (h_TxBxH, c_TxBxH, gates_TxBx4H) = jax.lax.scan(
+      step, (c_BxH, h_BxH), xw_TxBx4H)
+  return h_TxBxH, (c_BxH, h_BxH), (c_TxBxH, gates_TxBx4H)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype=jnp.float32):
   """Runs the recurrence over time given the input projections x_t W_ih + b of every step.
+
+  The backward pass is written by hand, as cuDNN does it: its loop over time carries only dh
+  and dc and emits the gates' gradients; the gradient of W_hh is then ONE matmul over all T*B
+  rows instead of a small one per step (what autodiff of `lax.scan` would do).
+
+  Args:
+    xw_TxBx4H: input projections (bias included), gates ordered [i, f, o, g].
+    w_hh_Hx4H: recurrent weights.
+    c_BxH, h_BxH: the state before the first step.
+    dtype: matmul input type (float32, or bfloat16 for speed); state and sums stay float32.
 
   Returns:
     (h_TxBxH, (c_BxH, h_BxH)): every step's output and the final state.
   """
-  def step(carry, xw_Bx4H):
-    c, h = carry
-    c, h = lstm_gates(xw_Bx4H + h @ w_hh_Hx4H, c)
-    return (c, h), h
+  h_TxBxH, final, _ = _recurrence_forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype)
+  return h_TxBxH, final
 
-  (c_BxH, h_BxH), h_TxBxH = jax.lax.scan(step, (c_BxH, h_BxH), xw_TxBx4H)
-  return h_TxBxH, (c_BxH, h_BxH)
+
+def _recurrence_fwd(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype):
+  h_TxBxH, final, (c_TxBxH, gates_TxBx4H) = _recurrence_forward(
+      xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype)
+  residuals = (w_hh_Hx4H, c_BxH, h_BxH, h_TxBxH, c_TxBxH, gates_TxBx4H)
+  return (h_TxBxH, final), residuals
+
+
+def _recurrence_bwd(dtype, residuals, cotangents):
+  w_hh_Hx4H, c0_BxH, h0_BxH, h_TxBxH, c_TxBxH, gates_TxBx4H = residuals
+  dh_out_TxBxH, (dc_BxH, dh_BxH) = cotangents
+  c_prev_TxBxH = jnp.concatenate([c0_BxH[None], c_TxBxH[:-1]], axis=0)
+  w_t = w_hh_Hx4H.T.astype(dtype)
+
+  def step(carry, xs):
+    dc, dh = carry
+    dh_out, c, c_prev, gates = xs
+    i, f, o, g = jnp.split(gates, 4, axis=-1)
+    tanh_c = jnp.tanh(c)
+    dh = dh + dh_out
+    dc = dc + dh * o * (1.0 - tanh_c * tanh_c)
+    da = jnp.concatenate([dc * g * i * (1.0 - i),          # input gate
+                          dc * c_prev * f * (1.0 - f),     # forget gate
+                          dh * tanh_c * o * (1.0 - o),     # output gate
+                          dc * i * (1.0 - g * g)], axis=-1)  # candidate
+    return (dc * f, _matmul(da, w_t, dtype)), da
+
+  (dc0, dh0), da_TxBx4H = jax.lax.scan(
+      step, (dc_BxH, dh_BxH), (dh_out_TxBxH, c_TxBxH, c_prev_TxBxH, gates_TxBx4H), reverse=True)
+  h_prev_TxBxH = jnp.concatenate([h0_BxH[None], h_TxBxH[:-1]], axis=0)
+  hidden = h_prev_TxBxH.shape[-1]
+  dw_hh = _matmul(h_prev_TxBxH.reshape(-1, hidden).T, da_TxBx4H.reshape(-1, 4 * hidden), dtype)
+  return da_TxBx4H, dw_hh, dc0, dh0
+
+
+lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 class LSTMLayer(nn.Module):
@@ -64,6 +123,7 @@ class LSTMLayer(nn.Module):
 
   hidden_size: int
   init_scale: float
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_TxBxD, c_BxH, h_BxH):
@@ -73,8 +133,8 @@ class LSTMLayer(nn.Module):
     w_hh = self.param("w_hh", init, (self.hidden_size, four_h))
     b = self.param("b", init, (four_h,))
     # The input half of the affine map does not depend on the recurrence: one big matmul.
-    xw_TxBx4H = x_TxBxD @ w_ih + b
-    return lstm_recurrence(xw_TxBx4H, w_hh, c_BxH, h_BxH)
+    xw_TxBx4H = _matmul(x_TxBxD, w_ih, self.dtype) + b
+    return lstm_recurrence(xw_TxBx4H, w_hh, c_BxH, h_BxH, self.dtype)
 
 
 class LanguageModel(nn.Module):
@@ -89,6 +149,7 @@ class LanguageModel(nn.Module):
   num_layers: int
   dropout: float
   init_scale: float
+  dtype: jnp.dtype = jnp.float32  # matmul inputs; parameters, state and sums are float32
 
   @nn.compact
   def __call__(self, tokens_BxT, carry: LSTMState, *, train: bool):
@@ -98,18 +159,19 @@ class LanguageModel(nn.Module):
     x_TxBxH = drop(embedding_VxH[tokens_BxT.T])
     new_c, new_h = [], []
     for layer in range(self.num_layers):
-      h_TxBxH, (c, h) = LSTMLayer(self.hidden_size, self.init_scale, name=f"lstm_{layer}")(
+      h_TxBxH, (c, h) = LSTMLayer(self.hidden_size, self.init_scale, self.dtype,
+                                  name=f"lstm_{layer}")(
           x_TxBxH, carry.c_LxBxH[layer], carry.h_LxBxH[layer])
       x_TxBxH = drop(h_TxBxH)
       new_c.append(c)
       new_h.append(h)
     w_out = self.param("softmax_w", init, (self.hidden_size, self.vocab_size))
     b_out = self.param("softmax_b", init, (self.vocab_size,))
-    logits_BxTxV = jnp.swapaxes(x_TxBxH, 0, 1) @ w_out + b_out
+    logits_BxTxV = _matmul(jnp.swapaxes(x_TxBxH, 0, 1), w_out, self.dtype) + b_out
     return logits_BxTxV, LSTMState(jnp.stack(new_c), jnp.stack(new_h))
 
 
 def make_model(config, vocab_size: int) -> LanguageModel:
   return LanguageModel(vocab_size=vocab_size, hidden_size=config.hidden_size,
                        num_layers=config.num_layers, dropout=config.dropout,
-                       init_scale=config.init_scale)
+                       init_scale=config.init_scale, dtype=jnp.dtype(config.dtype))

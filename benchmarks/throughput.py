@@ -1,0 +1,304 @@
+"""Training and evaluation speed of the presets, JAX against a PyTorch nn.LSTM of the same model.
+
+  pip install -r requirements-bench.txt
+  python benchmarks/throughput.py --presets=small,medium,large --json=bench.json
+
+For each preset it measures, after compilation: training words/s (median of --repeats runs of
+--steps steps), evaluation words/s at the training batch, the batch-1 test protocol's words/s,
+compile time and memory; for JAX in float32 and bfloat16 and for PyTorch in float32 and under
+bfloat16 autocast, alternating the systems within each repeat so that a noisy machine affects all
+of them alike. Tokens are random (speed does not depend on them). Prints a table; --json writes
+the numbers.
+"""
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import flags  # pylint: disable=g-import-not-at-top
+from zaremba_jax import main as main_lib
+from zaremba_jax import model as model_lib
+from zaremba_jax import train as train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = {"word": 10_000, "char": 50}
+
+
+def preset_config(name):
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["bench", f"--flagfile={os.path.join(REPO, 'experiments', name + '.flags')}"])
+  return main_lib.config_from_flags()
+
+
+def timed(fn):
+  tic = time.perf_counter()
+  fn()
+  return time.perf_counter() - tic
+
+
+class JaxSystem:
+  """Our train_step and evaluate, exactly as the training loop runs them."""
+
+  def __init__(self, config, vocab, dtype, test_len):
+    self.name = f"jax {dtype}"
+    config = config.replace(dtype=dtype)
+    self.config = config
+    self.model = model_lib.make_model(config, vocab)
+    self.tx = train_lib.make_optimizer(config, 1000)
+    rng = np.random.default_rng(0)
+    b, t = config.batch_size, config.num_steps
+    self.inputs = rng.integers(0, vocab, size=(b, t)).astype(np.int32)
+    self.targets = rng.integers(0, vocab, size=(b, t)).astype(np.int32)
+    self.state = train_lib.create_train_state(config, self.model, self.tx, jax.random.key(0))
+    self.step_fn = train_lib.jit_train_step(self.model, self.tx)
+    n_eval = 10
+    self.eval_windows = (rng.integers(0, vocab, size=(n_eval, b, t)).astype(np.int32),
+                         rng.integers(0, vocab, size=(n_eval, b, t)).astype(np.int32),
+                         np.ones((n_eval, b, t), np.float32))
+    chunk = min(config.test_chunk, test_len)
+    n_test = test_len // chunk
+    self.test_windows = (rng.integers(0, vocab, size=(n_test, 1, chunk)).astype(np.int32),
+                         rng.integers(0, vocab, size=(n_test, 1, chunk)).astype(np.int32),
+                         np.ones((n_test, 1, chunk), np.float32))
+    self.eval_fn = train_lib.jit_evaluate(self.model)
+    self.eval_words = n_eval * b * t
+    self.test_words = n_test * chunk
+    self.words_per_step = b * t
+
+  def compile(self):
+    tic = time.perf_counter()
+    lowered = self.step_fn.lower(self.state, self.inputs, self.targets)
+    compiled = lowered.compile()
+    seconds = time.perf_counter() - tic
+    memory = compiled.memory_analysis()
+    peak = None
+    if memory is not None:
+      peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes +
+              memory.output_size_in_bytes)
+    self.train(1)
+    jax.block_until_ready(self.eval_fn(self.state.params, *self.eval_windows))
+    jax.block_until_ready(self.eval_fn(self.state.params, *self.test_windows))
+    return seconds, peak
+
+  def train(self, steps):
+    for _ in range(steps):
+      self.state, metrics = self.step_fn(self.state, self.inputs, self.targets)
+    jax.block_until_ready(metrics)
+
+  def evaluate(self):
+    jax.block_until_ready(self.eval_fn(self.state.params, *self.eval_windows))
+
+  def test(self):
+    jax.block_until_ready(self.eval_fn(self.state.params, *self.test_windows))
+
+  def device_peak(self):
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+class TorchSystem:
+  """A plain PyTorch version of the same model: Embedding, nn.LSTM, dropout, Linear, SGD + clip."""
+
+  def __init__(self, config, vocab, autocast, test_len):
+    import torch  # pylint: disable=g-import-not-at-top
+    from torch import nn  # pylint: disable=g-import-not-at-top
+    self.torch = torch
+    self.name = "torch bf16 autocast" if autocast else "torch float32"
+    self.device = "cuda" if torch.cuda.is_available() else "cpu"
+    self.autocast = autocast
+    self.config = config
+    h, p = config.hidden_size, config.dropout
+
+    class Net(nn.Module):
+
+      def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, h)
+        self.drop = nn.Dropout(p)
+        self.lstm = nn.LSTM(h, h, config.num_layers, dropout=p, batch_first=True)
+        self.out = nn.Linear(h, vocab)
+        for w in self.parameters():
+          nn.init.uniform_(w, -config.init_scale, config.init_scale)
+
+      def forward(self, x, state):
+        y, state = self.lstm(self.drop(self.embed(x)), state)
+        return self.out(self.drop(y)), state
+
+    torch.manual_seed(0)
+    self.net = Net().to(self.device)
+    self.opt = torch.optim.SGD(self.net.parameters(), lr=config.learning_rate)
+    b, t = config.batch_size, config.num_steps
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randint(0, vocab, shape, generator=gen).to(self.device)
+    self.inputs, self.targets = rand(b, t), rand(b, t)
+    zeros = lambda batch: torch.zeros(config.num_layers, batch, h, device=self.device)
+    self.zeros = zeros
+    self.state = (zeros(b), zeros(b))
+    self.n_eval = 10
+    self.eval_inputs, self.eval_targets = rand(self.n_eval, b, t), rand(self.n_eval, b, t)
+    chunk = min(config.test_chunk, test_len)
+    n_test = test_len // chunk
+    self.test_inputs, self.test_targets = rand(n_test, 1, chunk), rand(n_test, 1, chunk)
+    self.eval_words = self.n_eval * b * t
+    self.test_words = n_test * chunk
+    self.words_per_step = b * t
+    self.loss_fn = nn.CrossEntropyLoss()
+
+  def _ctx(self):
+    if self.autocast:
+      return self.torch.autocast(self.device, dtype=self.torch.bfloat16)
+    return self.torch.autocast(self.device, enabled=False)
+
+  def _sync(self):
+    if self.device == "cuda":
+      self.torch.cuda.synchronize()
+
+  def compile(self):
+    if self.device == "cuda":
+      self.torch.cuda.reset_peak_memory_stats()
+    seconds = timed(lambda: self.train(1))
+    self.evaluate()
+    self.test()
+    return seconds, None
+
+  def train(self, steps):
+    self.net.train()
+    t = self.config.num_steps
+    for _ in range(steps):
+      self.state = tuple(s.detach() for s in self.state)
+      with self._ctx():
+        logits, self.state = self.net(self.inputs, self.state)
+        # Mean over the batch, summed over time: the paper code's loss.
+        loss = self.loss_fn(logits.float().reshape(-1, logits.shape[-1]),
+                            self.targets.reshape(-1)) * t
+      self.opt.zero_grad(set_to_none=True)
+      loss.backward()
+      self.torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.max_grad_norm)
+      self.opt.step()
+    loss.item()
+    self._sync()
+
+  def _run_eval(self, inputs, targets):
+    self.net.eval()
+    total = 0.0
+    with self.torch.no_grad(), self._ctx():
+      state = (self.zeros(inputs.shape[1]), self.zeros(inputs.shape[1]))
+      for x, y in zip(inputs, targets):
+        logits, state = self.net(x, state)
+        total = total + self.torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+    float(total)
+
+  def evaluate(self):
+    self._run_eval(self.eval_inputs, self.eval_targets)
+
+  def test(self):
+    self._run_eval(self.test_inputs, self.test_targets)
+
+  def device_peak(self):
+    if self.device == "cuda":
+      return self.torch.cuda.max_memory_allocated()
+    return None
+
+
+def bench_preset(name, args):
+  config = preset_config(name)
+  vocab = VOCAB[config.level]
+  systems = [JaxSystem(config, vocab, "float32", args.test_len)]
+  if not args.no_torch:
+    systems.append(TorchSystem(config, vocab, False, args.test_len))
+  if not args.no_bf16:
+    systems.append(JaxSystem(config, vocab, "bfloat16", args.test_len))
+    if not args.no_torch:
+      systems.append(TorchSystem(config, vocab, True, args.test_len))
+  rows = {}
+  for system in systems:
+    compile_s, peak = system.compile()
+    rows[system.name] = {"compile_s": compile_s, "peak_bytes": peak, "train": [], "eval": [],
+                         "test": []}
+  steps = args.steps.get(name, args.default_steps)
+  for _ in range(args.repeats):
+    for system in systems:  # alternate, so drift hits every system alike
+      row = rows[system.name]
+      row["train"].append(steps * system.words_per_step / timed(lambda: system.train(steps)))
+      row["eval"].append(system.eval_words / timed(system.evaluate))
+      row["test"].append(system.test_words / timed(system.test))
+  for system in systems:
+    row = rows[system.name]
+    for key in ("train", "eval", "test"):
+      row[key + "_wps"] = statistics.median(row.pop(key))
+    device_peak = system.device_peak()
+    if device_peak:
+      row["peak_bytes"] = device_peak
+  return {"preset": name, "batch_size": config.batch_size, "num_steps": config.num_steps,
+          "hidden_size": config.hidden_size, "steps_per_repeat": steps, "systems": rows}
+
+
+def print_table(results, out=sys.stdout):
+  head = (f"{'preset':<11} {'system':<20} {'train w/s':>10} {'x torch32':>9} {'eval w/s':>10}"
+          f" {'test b=1 w/s':>12} {'x torch32':>9} {'compile s':>9} {'peak MiB':>9}")
+  print(head, file=out)
+  print("-" * len(head), file=out)
+  for result in results:
+    rows = result["systems"]
+    ref = rows.get("torch float32")
+    for name, row in rows.items():
+      ratio = f"{row['train_wps'] / ref['train_wps']:.2f}x" if ref else "-"
+      test_ratio = f"{row['test_wps'] / ref['test_wps']:.2f}x" if ref else "-"
+      peak = f"{row['peak_bytes'] / 2**20:.0f}" if row.get("peak_bytes") else "-"
+      print(f"{result['preset']:<11} {name:<20} {row['train_wps']:>10.0f} {ratio:>9}"
+            f" {row['eval_wps']:>10.0f} {row['test_wps']:>12.0f} {test_ratio:>9}"
+            f" {row['compile_s']:>9.2f} {peak:>9}", file=out)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--presets", default="small,medium,large")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--default_steps", type=int, default=20)
+  parser.add_argument("--steps", default="small=60,medium=20,large=8,char_small=30,char_large=4",
+                      help="steps per timed repeat, per preset")
+  parser.add_argument("--test_len", type=int, default=4096, help="tokens in the batch-1 test")
+  parser.add_argument("--no_torch", action="store_true")
+  parser.add_argument("--no_bf16", action="store_true")
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  args.steps = {k: int(v) for k, v in (kv.split("=") for kv in args.steps.split(",") if kv)}
+  flags.FLAGS.mark_as_parsed()
+  device = jax.devices()[0]
+  info = {"jax": jax.__version__, "device": getattr(device, "device_kind", str(device)),
+          "platform": device.platform, "cpu": platform.processor() or platform.machine(),
+          "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    info["torch"] = torch.__version__
+    if torch.cuda.is_available():
+      info["torch_device"] = torch.cuda.get_device_name()
+  except ImportError:
+    args.no_torch = True
+  print(json.dumps(info), flush=True)
+  results = []
+  for name in args.presets.split(","):
+    results.append(bench_preset(name, args))
+    print_table(results[-1:])
+    sys.stdout.flush()
+  print()
+  print_table(results)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"info": info, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
