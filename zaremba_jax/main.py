@@ -53,6 +53,9 @@ flags.DEFINE_integer("top_k", 0, "query/sample: draw only from the k most likely
 flags.DEFINE_integer("max_query_len", 100, "query: most words predicted per line.", lower_bound=1)
 flags.DEFINE_integer("sample_len", 200, "sample: tokens to generate.", lower_bound=1)
 flags.DEFINE_string("prime", "", "sample: text to start from.")
+flags.DEFINE_integer("test_chunk", _DEFAULTS.test_chunk, "Tokens per scan chunk in the batch-1"
+                     " test pass (speed and memory only; the result does not depend on it).",
+                     lower_bound=1)
 flags.DEFINE_integer("log_per_epoch", _DEFAULTS.log_per_epoch, "Progress lines per epoch.",
                      lower_bound=1)
 
