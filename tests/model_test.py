@@ -26,6 +26,8 @@ class ModelTest(absltest.TestCase):
 
   def setUp(self):
     super().setUp()
+    # On GPUs, float32 matmuls default to TF32; compare the equations at full precision.
+    self.enter_context(jax.default_matmul_precision("highest"))
     self.model = model_lib.LanguageModel(vocab_size=11, hidden_size=6, num_layers=2, dropout=0.0,
                                          init_scale=0.5)
     self.batch = 3
@@ -114,6 +116,7 @@ class RecurrenceGradientTest(absltest.TestCase):
   """The hand-written backward pass against autodiff of a plain loop over time."""
 
   def test_custom_vjp_matches_autodiff(self):
+    self.enter_context(jax.default_matmul_precision("highest"))
     rng = np.random.default_rng(0)
     t, b, h = 6, 3, 5
     xw = jnp.asarray(rng.normal(size=(t, b, 4 * h)), jnp.float32)

@@ -29,7 +29,13 @@ class CheckpointError(RuntimeError):
 
 
 def abstract(tree):
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  """Shapes and dtypes of `tree`, placed on this process's first device.
+
+  Naming the device explicitly is what lets a checkpoint written on a GPU restore on a CPU (and
+  the reverse): without it Orbax would try the saving machine's placement.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
 class Checkpointer:
