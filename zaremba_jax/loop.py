@@ -154,21 +154,22 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
   evaluator = Evaluator(config, corpus, run.model)
   log_every = max(1, run.steps_per_epoch // config.log_per_epoch)
   words_per_step = config.batch_size * config.num_steps
-  capped = lambda: config.max_train_steps and int(state.step) >= config.max_train_steps
+  step = int(state.step)  # a host copy: reading state.step would wait for the device each step
+  capped = lambda: config.max_train_steps and step >= config.max_train_steps
 
   def save(best=False):
     if ckpt:
       progress.minutes = reporter.minutes()
       meta = {"config": config.to_dict(), "vocab": list(corpus.vocab),
               "progress": dataclasses.asdict(progress), "metrics": reporter.records}
-      ckpt.save(int(state.step), state, meta, best=best)
+      ckpt.save(step, state, meta, best=best)
 
   def validate():
     lr = train_lib.learning_rate_for_epoch(progress.epoch, config.learning_rate,
                                            config.max_epoch, config.lr_decay)
-    ppl = reporter.eval_result(step=int(state.step), epoch=progress.epoch, split="valid",
+    ppl = reporter.eval_result(step=step, epoch=progress.epoch, split="valid",
                                learning_rate=lr, **evaluator(state.params, "valid"))
-    progress.last_valid, progress.last_valid_step = ppl, int(state.step)
+    progress.last_valid, progress.last_valid_step = ppl, step
     improved = ppl < progress.best_valid
     progress.best_valid = min(progress.best_valid, ppl)
     return improved
@@ -199,7 +200,7 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
         pending.append(metrics)
         progress.window += 1
         words_since += words_per_step
-        step = int(state.step)
+        step += 1
         at_end = progress.window == run.steps_per_epoch
         if progress.window % log_every == 0 or at_end or capped():
           last = flush()
@@ -236,16 +237,16 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
       reporter.say(f"stopping after --max_train_steps={config.max_train_steps}")
     final_epoch = min(progress.epoch, config.max_max_epoch)
     valid_ppl = progress.last_valid
-    if progress.last_valid_step != int(state.step):
+    if progress.last_valid_step != step:
       # Stopped inside an epoch: validate the final state (logged, but not checkpointed, so a
       # continuation's metrics stay those of an uninterrupted run).
       lr = train_lib.learning_rate_for_epoch(final_epoch, config.learning_rate,
                                              config.max_epoch, config.lr_decay)
-      valid_ppl = reporter.eval_result(step=int(state.step), epoch=final_epoch, split="valid",
+      valid_ppl = reporter.eval_result(step=step, epoch=final_epoch, split="valid",
                                        learning_rate=lr, **evaluator(state.params, "valid"))
       if ckpt and (valid_ppl < progress.best_valid or not ckpt.steps(checkpoint_lib.BEST)):
         save(best=True)
-    test_ppl = reporter.eval_result(step=int(state.step), epoch=final_epoch, split="test",
+    test_ppl = reporter.eval_result(step=step, epoch=final_epoch, split="test",
                                     learning_rate=float("nan"), **evaluator(state.params, "test"))
   finally:
     if ckpt:
