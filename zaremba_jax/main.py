@@ -127,6 +127,9 @@ def generate(mode: str) -> int:
     return sample.run_query(trained, sys.stdin, sys.stdout, sys.stderr, FLAGS.temperature,
                             FLAGS.top_k, FLAGS.seed, FLAGS.max_query_len)
   if mode == "serve":
+    if trained.config.level != "char":
+      raise app.UsageError("--mode=serve speaks the course's next-character protocol; this"
+                           " checkpoint is word-level (try --mode=query or --mode=sample)")
     return sample.run_serve(trained, sys.stdin, sys.stdout, sys.stderr)
   return sample.run_sample(trained, FLAGS.prime, FLAGS.sample_len, FLAGS.temperature,
                            FLAGS.top_k, FLAGS.seed)
