@@ -160,3 +160,29 @@ class SignalTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+class DiskFullTest(absltest.TestCase):
+
+  def test_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(self):
+    if os.geteuid() != 0:
+      self.skipTest("needs root to mount a small tmpfs")
+    mount = self.create_tempdir().full_path
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", mount],
+                      capture_output=True).returncode != 0:
+      self.skipTest("cannot mount a tmpfs here")
+    self.addCleanup(subprocess.run, ["umount", mount])
+    data = helpers.write_tiny_corpus(self.create_tempdir().full_path)
+    workdir = os.path.join(mount, "run")
+    # ~2.6 MB a checkpoint: the first fits in 3 MB, the second does not.
+    config = helpers.tiny_config(hidden_size=200, checkpoint_every_steps=20, max_train_steps=60)
+    with self.assertRaisesRegex(checkpoint_lib.CheckpointError,
+                                r"No space left on device.*latest: step 20.*free disk space"):
+      loop.train_and_evaluate(config, data, workdir, reporting.Reporter(workdir, io.StringIO()))
+    self.assertEqual(checkpoint_lib.Checkpointer(workdir).steps(), [20])
+    # With room again, the run resumes from the intact checkpoint.
+    subprocess.run(["mount", "-o", "remount,size=64m", mount], check=True)
+    out = io.StringIO()
+    result = loop.train_and_evaluate(config, data, workdir, reporting.Reporter(workdir, out))
+    self.assertIn("checkpoints/20: epoch 1, window 20", out.getvalue())
+    self.assertEqual(int(result["state"].step), 60)

@@ -38,6 +38,14 @@ def abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
+def _reason(error: Exception) -> str:
+  """The part of a (long, nested) storage error a person needs."""
+  text = str(error)
+  if "No space left on device" in text or getattr(error, "errno", None) == 28:
+    return "No space left on device"
+  return f"{type(error).__name__}: {text[:300]}"
+
+
 class Checkpointer:
   """Two Orbax managers in `workdir`: `checkpoints/` (the last `keep`) and `best/` (one)."""
 
@@ -70,7 +78,7 @@ class Checkpointer:
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    meta=ocp.args.JsonSave(meta)))
       except Exception as e:  # pylint: disable=broad-except
-        self._fail(kind, step, e)
+        self._fail(kind, e)
 
   def wait(self) -> None:
     """Blocks until every save in flight is on disk."""
@@ -78,15 +86,15 @@ class Checkpointer:
       try:
         manager.wait_until_finished()
       except Exception as e:  # pylint: disable=broad-except
-        self._fail(kind, None, e)
+        self._fail(kind, e)
 
-  def _fail(self, kind, step, error):
+  def _fail(self, kind, error):
     kept = self.steps(LATEST)
     raise CheckpointError(
-        f"could not write checkpoint{'' if step is None else f' {step}'} in"
-        f" {os.path.join(self.workdir, kind)} ({type(error).__name__}: {error}); the earlier"
-        f" checkpoints are intact ({'latest: step ' + str(kept[-1]) if kept else 'none yet'});"
-        f" free disk space and rerun the same command to resume") from error
+        f"could not write a checkpoint in {os.path.join(self.workdir, kind)}"
+        f" ({_reason(error)}); the complete checkpoints are intact"
+        f" ({'latest: step ' + str(kept[-1]) if kept else 'none yet'}); free disk space and"
+        f" rerun the same command to resume") from error
 
   def restore(self, target, kind: str = LATEST, step: int | None = None, check=None,
               target_from_meta=None, say=print):
