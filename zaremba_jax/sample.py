@@ -143,6 +143,7 @@ def run_serve(trained, stdin, stdout, stderr) -> int:
   predictor = Predictor(trained)
   carry = predictor.start()
   logprobs = None
+  jax.block_until_ready(predictor.feed([0], carry))  # compile now, not on the client's first token
   print("OK GO", file=stdout, flush=True)
   for line in stdin:
     token = line.strip()
