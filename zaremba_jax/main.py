@@ -9,6 +9,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from zaremba_jax import config as config_lib
 
@@ -94,6 +95,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = config_from_flags()
+  if not FLAGS["verbosity"].present:  # Orbax and jax log every save at INFO; -v 0 shows them
+    logging.set_verbosity(logging.WARNING)
   if config.mode != "train" and not FLAGS.workdir:
     raise app.UsageError(f"--mode={config.mode} needs --workdir, the folder of a training run")
   # Imported here so that --help and flag errors don't wait for jax.
