@@ -6,6 +6,7 @@
 import dataclasses
 import signal
 import sys
+import warnings
 
 from absl import app
 from absl import flags
@@ -95,6 +96,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config = config_from_flags()
+  warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
   if not FLAGS["verbosity"].present:  # Orbax and jax log every save at INFO; -v 0 shows them
     logging.set_verbosity(logging.WARNING)
   if config.mode != "train" and not FLAGS.workdir:
