@@ -214,5 +214,7 @@ def load_trained(workdir: str, step: int | None = None, say=print) -> Trained:
   finally:
     ckpt.close()
   return Trained(config=holder["config"], vocab=tuple(meta["vocab"]), model=holder["model"],
-                 params=state.params, step=saved_step, epoch=meta["progress"]["epoch"],
+                 params=state.params, step=saved_step,
+                 # A checkpoint taken at an epoch's end already points at the next epoch.
+                 epoch=min(meta["progress"]["epoch"], holder["config"].max_max_epoch),
                  path=os.path.join(workdir, kind, str(saved_step)))
