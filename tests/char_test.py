@@ -54,17 +54,11 @@ class CharRunTest(absltest.TestCase):
     text = out.getvalue()
     self.assertRegex(text, r"valid bpc \d\.\d{4}  course ppl")
     self.assertRegex(text, r"summary: valid course ppl [\d.]+  test course ppl [\d.]+ .*chars/s")
-    records = reporting_records(workdir)
+    records = helpers.read_metrics(workdir)
     test = [r for r in records if r["split"] == "test"][-1]
     self.assertAlmostEqual(test["course_perplexity"], result["test"])
     self.assertAlmostEqual(math.log(test["course_perplexity"]) / 5.6,
                            test["bpc"] * math.log(2), places=6)
-
-
-def reporting_records(workdir):
-  import json
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 if __name__ == "__main__":

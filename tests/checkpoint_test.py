@@ -25,12 +25,6 @@ def untimed(records):
   return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
-def read_metrics(workdir):
-  import json
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 class ResumeTest(absltest.TestCase):
   maxDiff = None
 
@@ -72,7 +66,8 @@ class ResumeTest(absltest.TestCase):
       np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(jax.random.key_data(a.key), jax.random.key_data(b.key))
     self.assertEqual((straight["valid"], straight["test"]), (resumed["valid"], resumed["test"]))
-    self.assertEqual(untimed(read_metrics(straight_dir)), untimed(read_metrics(resumed_dir)))
+    self.assertEqual(untimed(helpers.read_metrics(straight_dir)),
+                     untimed(helpers.read_metrics(resumed_dir)))
 
   def test_damaged_newest_checkpoint_is_skipped(self):
     workdir = self.create_tempdir().full_path
@@ -109,7 +104,7 @@ class ResumeTest(absltest.TestCase):
     self.assertEqual(int(result["state"].step), 10)
     self.assertNotIn("resuming", out.getvalue())
     self.assertEqual(checkpoint_lib.Checkpointer(workdir).steps(), [10])
-    self.assertEqual(max(r["step"] for r in read_metrics(workdir)), 10)
+    self.assertEqual(max(r["step"] for r in helpers.read_metrics(workdir)), 10)
 
   def test_evaluate_reproduces_the_end_of_training(self):
     workdir = self.create_tempdir().full_path

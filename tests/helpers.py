@@ -1,5 +1,6 @@
 """Shared test fixtures: where real PTB is, tiny generated corpora, tiny configs."""
 
+import json
 import os
 
 import numpy as np
@@ -38,3 +39,9 @@ def tiny_config(**changes) -> config_lib.Config:
                            init_scale=0.1, max_epoch=2, max_max_epoch=3, log_per_epoch=2,
                            test_chunk=64)
   return base.replace(**changes)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]

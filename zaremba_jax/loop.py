@@ -87,6 +87,13 @@ def load_corpus(config, data_dir):
   return data_lib.load_corpus(data_lib.resolve_data_dir(data_dir), config.level)
 
 
+def check_vocab(vocab, saved_vocab, remedy: str) -> None:
+  """Refuses a corpus whose vocabulary is not the one the checkpoint was trained on."""
+  if list(saved_vocab) != list(vocab):
+    raise ResumeError(f"the corpus's vocabulary differs from the checkpoint's; pass the --data_dir"
+                      f" the run was trained on{remedy}")
+
+
 def check_resumable(saved: dict, config, vocab, saved_vocab, say) -> None:
   """Refuses flags that change shapes or data; logs the others that changed."""
   for name in FIXED_ON_RESUME:
@@ -94,9 +101,7 @@ def check_resumable(saved: dict, config, vocab, saved_vocab, say) -> None:
       raise ResumeError(f"--{name}={getattr(config, name)} differs from the checkpoint's"
                         f" --{name}={saved[name]}; rerun with --{name}={saved[name]} to resume,"
                         f" or add --restart to discard the checkpoints and start over")
-  if list(saved_vocab) != list(vocab):
-    raise ResumeError("the corpus's vocabulary differs from the checkpoint's; pass the --data_dir"
-                      " the run was started with, or add --restart to start over")
+  check_vocab(vocab, saved_vocab, ", or add --restart to start over")
   for name, value in config.to_dict().items():
     if name in saved and saved[name] != value and name != "mode":
       say(f"resuming with --{name} changed: {saved[name]} -> {value}")
@@ -157,6 +162,10 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
   step = int(state.step)  # a host copy: reading state.step would wait for the device each step
   capped = lambda: config.max_train_steps and step >= config.max_train_steps
 
+  def lr_for(epoch):
+    return train_lib.learning_rate_for_epoch(epoch, config.learning_rate, config.max_epoch,
+                                             config.lr_decay)
+
   def save(best=False):
     if ckpt:
       progress.minutes = reporter.minutes()
@@ -165,10 +174,9 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
       ckpt.save(step, state, meta, best=best)
 
   def validate():
-    lr = train_lib.learning_rate_for_epoch(progress.epoch, config.learning_rate,
-                                           config.max_epoch, config.lr_decay)
     ppl = reporter.eval_result(step=step, epoch=progress.epoch, split="valid",
-                               learning_rate=lr, **evaluator(state.params, "valid"))
+                               learning_rate=lr_for(progress.epoch),
+                               **evaluator(state.params, "valid"))
     progress.last_valid, progress.last_valid_step = ppl, step
     improved = ppl < progress.best_valid
     progress.best_valid = min(progress.best_valid, ppl)
@@ -176,8 +184,7 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
 
   try:
     while progress.epoch <= config.max_max_epoch and not capped():
-      lr = train_lib.learning_rate_for_epoch(progress.epoch, config.learning_rate,
-                                             config.max_epoch, config.lr_decay)
+      lr = lr_for(progress.epoch)
       if progress.window == 0:
         state = state.replace(carry=run.zero_carry())
         progress.epoch_nll, progress.epoch_count = 0.0, 0
@@ -240,10 +247,9 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
     if progress.last_valid_step != step:
       # Stopped inside an epoch: validate the final state (logged, but not checkpointed, so a
       # continuation's metrics stay those of an uninterrupted run).
-      lr = train_lib.learning_rate_for_epoch(final_epoch, config.learning_rate,
-                                             config.max_epoch, config.lr_decay)
       valid_ppl = reporter.eval_result(step=step, epoch=final_epoch, split="valid",
-                                       learning_rate=lr, **evaluator(state.params, "valid"))
+                                       learning_rate=lr_for(final_epoch),
+                                       **evaluator(state.params, "valid"))
       if ckpt and (valid_ppl < progress.best_valid or not ckpt.steps(checkpoint_lib.BEST)):
         save(best=True)
     test_ppl = reporter.eval_result(step=step, epoch=final_epoch, split="test",
@@ -271,9 +277,7 @@ def evaluate_checkpoint(workdir: str, data_dir: str | None, step: int | None = N
   config = trained.config
   reporter.level = config.level
   corpus = load_corpus(config, data_dir)
-  if list(corpus.vocab) != list(trained.vocab):
-    raise ResumeError("the corpus's vocabulary differs from the checkpoint's; pass the"
-                      " --data_dir the run was trained on")
+  check_vocab(corpus.vocab, trained.vocab, "")
   reporter.say(f"evaluating {trained.path}")
   evaluator = Evaluator(config, corpus, trained.model)
   result = {"step": trained.step}
