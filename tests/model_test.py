@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl.testing import absltest
 
 from zaremba_jax import model as model_lib
@@ -108,9 +109,6 @@ class ModelTest(absltest.TestCase):
                        1e-3)
 
 
-if __name__ == "__main__":
-  absltest.main()
-
 
 class RecurrenceGradientTest(absltest.TestCase):
   """The hand-written backward pass against autodiff of a plain loop over time."""
@@ -163,3 +161,64 @@ class RecurrenceGradientTest(absltest.TestCase):
     self.assertEqual(carry_bf16.c_LxBxH.dtype, jnp.float32)
     np.testing.assert_allclose(half, full, atol=2e-2)
     self.assertGreater(np.abs(np.asarray(half) - np.asarray(full)).max(), 0)  # really bf16
+
+
+class SoftmaxNLLTest(absltest.TestCase):
+  """The fused softmax cross-entropy against optax on explicit logits."""
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(1)
+    n, h, v = 12, 8, 30
+    self.x = jnp.asarray(rng.normal(size=(n, h)), jnp.float32)
+    self.w = jnp.asarray(rng.uniform(-0.5, 0.5, size=(h, v)), jnp.float32)
+    self.b = jnp.asarray(rng.uniform(-0.5, 0.5, size=(v,)), jnp.float32)
+    self.targets = jnp.asarray(rng.integers(0, v, size=(n,)), jnp.int32)
+    self.probe = jnp.asarray(rng.normal(size=(n,)), jnp.float32)  # unequal weights per row
+
+  def _losses(self, dtype):
+    def fused(x, w, b):
+      return (model_lib.softmax_nll(x, w, b, self.targets, dtype) * self.probe).sum()
+
+    def plain(x, w, b):
+      logits = jnp.dot(x, w, precision="highest") + b
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, self.targets)
+      return (nll * self.probe).sum()
+    return fused, plain
+
+  def test_matches_optax_in_value_and_gradient(self):
+    self.enter_context(jax.default_matmul_precision("highest"))
+    fused, plain = self._losses(jnp.float32)
+    np.testing.assert_allclose(fused(self.x, self.w, self.b), plain(self.x, self.w, self.b),
+                               rtol=1e-6)
+    got = jax.grad(fused, argnums=(0, 1, 2))(self.x, self.w, self.b)
+    want = jax.grad(plain, argnums=(0, 1, 2))(self.x, self.w, self.b)
+    for name, g, e in zip(("x", "w", "b"), got, want):
+      np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6, err_msg=name)
+
+  def test_bfloat16_gradient_stays_close(self):
+    fused, plain = self._losses(jnp.bfloat16)
+    got = jax.grad(fused, argnums=(0, 1, 2))(self.x, self.w, self.b)
+    want = jax.grad(plain, argnums=(0, 1, 2))(self.x, self.w, self.b)
+    for name, g, e in zip(("x", "w", "b"), got, want):
+      np.testing.assert_allclose(g, e, atol=0.03 * float(jnp.abs(e).max()), err_msg=name)
+      self.assertGreater(float(jnp.abs(g - e).max()), 0, msg=name)  # really bfloat16
+
+  def test_model_nll_path_equals_logits_path(self):
+    model = model_lib.LanguageModel(vocab_size=30, hidden_size=8, num_layers=2, dropout=0.0,
+                                    init_scale=0.3)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 30, size=(3, 4)), jnp.int32)
+    targets = jnp.roll(tokens, -1, axis=1)
+    carry = model_lib.zero_state(2, 3, 8)
+    params = model.init(jax.random.key(0), tokens, carry, train=False)["params"]
+    logits, carry_a = model.apply({"params": params}, tokens, carry, train=False)
+    nll, carry_b = model.apply({"params": params}, tokens, carry, train=False,
+                               targets_BxT=targets)
+    self.assertEqual(nll.shape, (3, 4))
+    np.testing.assert_allclose(
+        nll, optax.softmax_cross_entropy_with_integer_labels(logits, targets), rtol=1e-5)
+    np.testing.assert_allclose(carry_a.h_LxBxH, carry_b.h_LxBxH)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -55,8 +55,10 @@ class LossAndOptimizerTest(parameterized.TestCase):
 
   def test_loss_is_summed_over_time_and_averaged_over_batch(self):
     def losses(params):
+      nll, _ = self.model.apply({"params": params}, self.inputs, self.carry, train=False,
+                                targets_BxT=self.targets)
+      loss, nll_sum = train_lib.sequence_loss(nll)
       logits, _ = self.model.apply({"params": params}, self.inputs, self.carry, train=False)
-      loss, nll_sum = train_lib.sequence_loss(logits, self.targets)
       mean = optax.softmax_cross_entropy_with_integer_labels(logits, self.targets).mean()
       return loss, nll_sum, mean
     loss, nll_sum, mean = losses(self.params)

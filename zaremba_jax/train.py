@@ -64,15 +64,14 @@ def create_train_state(config, model: model_lib.LanguageModel, tx, key: jax.Arra
                     carry=carry, key=dropout_key)
 
 
-def sequence_loss(logits_BxTxV, targets_BxT):
+def sequence_loss(nll_BxT):
   """The paper code's loss: cross-entropy averaged over the batch and summed over time.
 
   Returns:
     (loss, nll_sum): the differentiated loss and the total NLL in nats.
   """
-  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
   nll_sum = nll_BxT.sum()
-  return nll_sum / targets_BxT.shape[0], nll_sum
+  return nll_sum / nll_BxT.shape[0], nll_sum
 
 
 def train_step(state: TrainState, inputs_BxT, targets_BxT, *, model, tx):
@@ -80,9 +79,9 @@ def train_step(state: TrainState, inputs_BxT, targets_BxT, *, model, tx):
   dropout_key = jax.random.fold_in(state.key, state.step)
 
   def loss_fn(params):
-    logits_BxTxV, carry = model.apply({"params": params}, inputs_BxT, state.carry, train=True,
-                                      rngs={"dropout": dropout_key})
-    loss, nll_sum = sequence_loss(logits_BxTxV, targets_BxT)
+    nll_BxT, carry = model.apply({"params": params}, inputs_BxT, state.carry, train=True,
+                                 targets_BxT=targets_BxT, rngs={"dropout": dropout_key})
+    loss, nll_sum = sequence_loss(nll_BxT)
     return loss, (carry, nll_sum)
 
   (_, (carry, nll_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -105,8 +104,8 @@ def evaluate(params, inputs_NxBxT, targets_NxBxT, mask_NxBxT, *, model):
 
   def body(carry, window):
     inputs_BxT, targets_BxT, mask_BxT = window
-    logits_BxTxV, carry = model.apply({"params": params}, inputs_BxT, carry, train=False)
-    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
+    nll_BxT, carry = model.apply({"params": params}, inputs_BxT, carry, train=False,
+                                 targets_BxT=targets_BxT)
     return carry, ((nll_BxT * mask_BxT).sum(), mask_BxT.sum())
 
   _, (nll_N, count_N) = jax.lax.scan(body, carry, (inputs_NxBxT, targets_NxBxT, mask_NxBxT))
