@@ -202,10 +202,8 @@ def load_trained(workdir: str, step: int | None = None, say=print) -> Trained:
     def build_target(meta):
       config = config_lib.Config(**meta["config"])
       model = model_lib.make_model(config, len(meta["vocab"]))
-      tx = train_lib.make_optimizer(config, 1)
       holder.update(config=config, model=model)
-      return jax.eval_shape(lambda: train_lib.create_train_state(config, model, tx,
-                                                                 jax.random.key(0)))
+      return train_lib.abstract_train_state(config, model, train_lib.make_optimizer(config, 1))
 
     restored = ckpt.restore(None, kind=kind, step=step, target_from_meta=build_target, say=say)
     if restored is None:

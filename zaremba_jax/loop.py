@@ -76,7 +76,7 @@ class Run:
                                         jax.random.key(self.config.seed))
 
   def abstract_state(self):
-    return jax.eval_shape(self.initial_state)
+    return train_lib.abstract_train_state(self.config, self.model, self.tx)
 
   def zero_carry(self):
     c = self.config

@@ -42,6 +42,18 @@ def _matmul(a, b, dtype):
   return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
+def _dot(a, b, contract, dtype):
+  """dot_general contracting a's axis contract[0] with b's contract[1], float32 result.
+
+  Written as one dot_general, never as a transpose and a matmul: XLA's CPU backend runs
+  bfloat16 [M,K]x[K,N] and [M,K]x[N,K] products at twice the float32 speed, but turns a
+  bfloat16 product whose operand is an explicit transpose back into a float32 one.
+  """
+  dims = (((contract[0],), (contract[1],)), ((), ()))
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims,
+                             preferred_element_type=jnp.float32)
+
+
 def _recurrence_forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype):
   """The loop over time; also returns what the backward pass needs."""
   w = w_hh_Hx4H.astype(dtype)  # cast once, outside the loop
@@ -92,7 +104,7 @@ def _recurrence_bwd(dtype, residuals, cotangents):
   w_hh_Hx4H, c0_BxH, h0_BxH, h_TxBxH, c_TxBxH, gates_TxBx4H = residuals
   dh_out_TxBxH, (dc_BxH, dh_BxH) = cotangents
   c_prev_TxBxH = jnp.concatenate([c0_BxH[None], c_TxBxH[:-1]], axis=0)
-  w_t = w_hh_Hx4H.T.astype(dtype)
+  w = w_hh_Hx4H.astype(dtype)  # cast once; used untransposed (see _dot)
 
   def step(carry, xs):
     dc, dh = carry
@@ -105,29 +117,17 @@ def _recurrence_bwd(dtype, residuals, cotangents):
                           dc * c_prev * f * (1.0 - f),     # forget gate
                           dh * tanh_c * o * (1.0 - o),     # output gate
                           dc * i * (1.0 - g * g)], axis=-1)  # candidate
-    return (dc * f, _matmul(da, w_t, dtype)), da
+    return (dc * f, _dot(da, w, (1, 1), dtype)), da
 
   (dc0, dh0), da_TxBx4H = jax.lax.scan(
       step, (dc_BxH, dh_BxH), (dh_out_TxBxH, c_TxBxH, c_prev_TxBxH, gates_TxBx4H), reverse=True)
   h_prev_TxBxH = jnp.concatenate([h0_BxH[None], h_TxBxH[:-1]], axis=0)
   hidden = h_prev_TxBxH.shape[-1]
-  dw_hh = _matmul(h_prev_TxBxH.reshape(-1, hidden).T, da_TxBx4H.reshape(-1, 4 * hidden), dtype)
+  dw_hh = _dot(h_prev_TxBxH.reshape(-1, hidden), da_TxBx4H.reshape(-1, 4 * hidden), (0, 0), dtype)
   return da_TxBx4H, dw_hh, dc0, dh0
 
 
 lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
-
-
-def _dot(a, b, contract, dtype):
-  """dot_general contracting a's axis contract[0] with b's contract[1], float32 result.
-
-  Written as one dot_general, never as a transpose and a matmul: XLA's CPU backend runs
-  bfloat16 [M,K]x[K,N] and [M,K]x[N,K] products at twice the float32 speed, but turns a
-  bfloat16 product whose operand is an explicit transpose back into a float32 one.
-  """
-  dims = (((contract[0],), (contract[1],)), ((), ()))
-  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims,
-                             preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

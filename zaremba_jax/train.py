@@ -64,6 +64,11 @@ def create_train_state(config, model: model_lib.LanguageModel, tx, key: jax.Arra
                     carry=carry, key=dropout_key)
 
 
+def abstract_train_state(config, model: model_lib.LanguageModel, tx) -> TrainState:
+  """Shapes and dtypes of a fresh TrainState (nothing is computed): a restore target."""
+  return jax.eval_shape(lambda: create_train_state(config, model, tx, jax.random.key(0)))
+
+
 def sequence_loss(nll_BxT):
   """The paper code's loss: cross-entropy averaged over the batch and summed over time.
 
