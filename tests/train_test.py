@@ -136,6 +136,24 @@ class TinyRunTest(absltest.TestCase):
     self.assertLess(last, first / 2)
     self.assertIn("summary: valid ppl", out.getvalue().splitlines()[-1])
 
+  def test_progress_lines_are_evenly_spaced_through_each_epoch(self):
+    folder = helpers.write_tiny_corpus(self.create_tempdir().full_path)
+    corpus = data_lib.load_corpus(folder, "word")
+    # Pick a window length whose epoch is 4k+1 windows long: with 4 lines an epoch, a line lands
+    # one window before the end unless the loop skips it.
+    for num_steps in range(3, 12):
+      config = helpers.tiny_config(num_steps=num_steps, max_max_epoch=1, log_per_epoch=4)
+      steps = data_lib.num_train_windows(data_lib.batchify(corpus.train, 4), num_steps)
+      if steps % 4 == 1 and steps >= 17:
+        break
+    else:
+      self.fail("no window length gives a 4k+1-window epoch")
+    workdir = self.create_tempdir().full_path
+    loop.train_and_evaluate(config, folder, workdir, reporting.Reporter(workdir, io.StringIO()))
+    steps_logged = [r["step"] for r in helpers.read_metrics(workdir) if r["split"] == "train"]
+    log_every = steps // 4
+    self.assertEqual(steps_logged, [log_every, 2 * log_every, 3 * log_every, steps])
+
 
 if __name__ == "__main__":
   absltest.main()

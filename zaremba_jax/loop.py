@@ -209,7 +209,9 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
         words_since += words_per_step
         step += 1
         at_end = progress.window == run.steps_per_epoch
-        if progress.window % log_every == 0 or at_end or capped():
+        # A line every log_every windows, and one at the epoch's end (not one just before it).
+        near_end = run.steps_per_epoch - progress.window < log_every // 2
+        if (progress.window % log_every == 0 and not near_end) or at_end or capped():
           last = flush()
           seconds = time.time() - tic
           progress.train_seconds += seconds
