@@ -37,13 +37,9 @@ def symmetric_uniform(scale: float):
   return init
 
 
-def _matmul(a, b, dtype):
-  """a @ b with inputs in `dtype` (bfloat16 or float32) and float32 accumulation and result."""
-  return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-
-
 def _dot(a, b, contract, dtype):
-  """dot_general contracting a's axis contract[0] with b's contract[1], float32 result.
+  """dot_general contracting a's axis contract[0] with b's contract[1], with inputs in `dtype`
+  (bfloat16 or float32) and float32 accumulation and result.
 
   Written as one dot_general, never as a transpose and a matmul: XLA's CPU backend runs
   bfloat16 [M,K]x[K,N] and [M,K]x[N,K] products at twice the float32 speed, but turns a
@@ -52,6 +48,11 @@ def _dot(a, b, contract, dtype):
   dims = (((contract[0],), (contract[1],)), ((), ()))
   return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims,
                              preferred_element_type=jnp.float32)
+
+
+def _matmul(a, b, dtype):
+  """a @ b for a 2-D b: `_dot` over a's last axis and b's first."""
+  return _dot(a, b, (a.ndim - 1, 0), dtype)
 
 
 def _recurrence_forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype):
@@ -142,7 +143,7 @@ def softmax_nll(x_NxH, w_HxV, b_V, targets_N, dtype=jnp.float32):
 
 
 def _softmax_nll_fwd(x_NxH, w_HxV, b_V, targets_N, dtype):
-  logits_NxV = _dot(x_NxH, w_HxV, (1, 0), dtype) + b_V
+  logits_NxV = _matmul(x_NxH, w_HxV, dtype) + b_V
   lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
   target_logit_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], axis=-1)[:, 0]
   onehot_NxV = jax.nn.one_hot(targets_N, logits_NxV.shape[-1], dtype=jnp.float32)
