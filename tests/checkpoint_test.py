@@ -37,12 +37,11 @@ class ResumeTest(absltest.TestCase):
                                      log_per_epoch=4)
 
   def train(self, workdir, stop_after=None, **changes):
-    """Trains in `workdir`; with `stop_after`, asks the run to stop after that many steps."""
+    """Trains in `workdir`; with `stop_after`, asks the run to stop once it has done that many
+    steps (the loop asks after each call of train steps)."""
     out = io.StringIO()
-    calls = []
-    def stop_requested():
-      calls.append(1)
-      return "stop requested" if stop_after and len(calls) >= stop_after else None
+    def stop_requested(step):
+      return "stop requested" if stop_after and step >= stop_after else None
     result = loop.train_and_evaluate(self.config.replace(**changes), self.data, workdir,
                                      reporting.Reporter(workdir, out),
                                      stop_requested=stop_requested)
@@ -52,12 +51,13 @@ class ResumeTest(absltest.TestCase):
     straight_dir = self.create_tempdir().full_path
     straight, _ = self.train(straight_dir)
     resumed_dir = self.create_tempdir().full_path
-    stopped, log = self.train(resumed_dir, stop_after=70)  # mid-epoch: epoch 1 has 99 windows
+    stopped, log = self.train(resumed_dir, stop_after=70)  # mid-epoch: epoch 1 has 90 windows
     self.assertIsNone(stopped)
-    self.assertIn("stop requested: saved step 70", log)
+    saved = int(re.search(r"stop requested: saved step (\d+)", log).group(1))
+    self.assertBetween(saved, 70, 79)  # the first call to end at or past step 70
     resumed, log = self.train(resumed_dir)
     self.assertIn("resuming from", log)
-    self.assertIn("checkpoints/70: epoch 1, window 70", log)
+    self.assertIn(f"checkpoints/{saved}: epoch 1, window {saved}", log)
     a, b = straight["state"], resumed["state"]
     self.assertEqual(int(a.step), 140)
     self.assertEqual(int(b.step), 140)

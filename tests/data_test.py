@@ -46,9 +46,13 @@ class BatchingTest(absltest.TestCase):
   def test_train_windows_by_hand(self):
     rows = data_lib.batchify(np.arange(20), 2)  # [[0..9], [10..19]]
     self.assertEqual(data_lib.num_train_windows(rows, 4), 2)  # (10 - 1) // 4
-    x, y = data_lib.train_window(rows, 1, 4)
-    np.testing.assert_array_equal(x, [[4, 5, 6, 7], [14, 15, 16, 17]])
-    np.testing.assert_array_equal(y, [[5, 6, 7, 8], [15, 16, 17, 18]])
+    x, y = data_lib.train_windows(rows, 1, 1, 4)
+    np.testing.assert_array_equal(x, [[[4, 5, 6, 7], [14, 15, 16, 17]]])
+    np.testing.assert_array_equal(y, [[[5, 6, 7, 8], [15, 16, 17, 18]]])
+    x, y = data_lib.train_windows(rows, 0, 2, 4)  # both windows at once, in order
+    np.testing.assert_array_equal(x, [[[0, 1, 2, 3], [10, 11, 12, 13]],
+                                      [[4, 5, 6, 7], [14, 15, 16, 17]]])
+    np.testing.assert_array_equal(y[:, :, -1], [[4, 14], [8, 18]])
 
   def test_eval_windows_cover_every_prediction_once(self):
     rows = data_lib.batchify(np.arange(7), 1)  # one row 0..6: 6 predictions

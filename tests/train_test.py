@@ -154,6 +154,19 @@ class TinyRunTest(absltest.TestCase):
     log_every = steps // 4
     self.assertEqual(steps_logged, [log_every, 2 * log_every, 3 * log_every, steps])
 
+  def test_steps_per_call_does_not_change_the_run(self):
+    folder = helpers.write_tiny_corpus(self.create_tempdir().full_path)
+    results = []
+    for per_call in (1, 7):  # 7: groups cut short by progress lines and the step cap
+      config = helpers.tiny_config(dropout=0.3, max_train_steps=40, steps_per_call=per_call)
+      results.append(loop.train_and_evaluate(config, folder, None,
+                                             reporting.Reporter(None, io.StringIO())))
+    one, grouped = results
+    self.assertEqual(int(grouped["state"].step), 40)
+    for x, y in zip(jax.tree.leaves(one["state"].params), jax.tree.leaves(grouped["state"].params)):
+      np.testing.assert_array_equal(x, y)
+    self.assertEqual((one["valid"], one["test"]), (grouped["valid"], grouped["test"]))
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -35,6 +35,7 @@ class Config:
   dtype: str = "float32"         # matmul inputs: float32 or bfloat16 (state and sums stay float32)
   checkpoint_every_steps: int = 1000  # save every this many steps (and at each epoch end)
   keep_checkpoints: int = 3      # recent checkpoints kept (the best is kept besides)
+  steps_per_call: int = 10       # train steps per jitted call (a lax.scan over that many windows)
 
   def __post_init__(self):
     errors = []
@@ -44,7 +45,7 @@ class Config:
       errors.append(f"--level={self.level!r} is unknown; use one of {', '.join(LEVELS)}")
     for name in ("batch_size", "num_steps", "num_layers", "hidden_size",
                  "max_epoch", "max_max_epoch", "log_per_epoch", "test_chunk",
-                 "checkpoint_every_steps", "keep_checkpoints"):
+                 "checkpoint_every_steps", "keep_checkpoints", "steps_per_call"):
       value = getattr(self, name)
       if value < 1:
         errors.append(f"--{name}={value} must be at least 1")

@@ -232,11 +232,15 @@ def num_train_windows(rows_BxL: np.ndarray, num_steps: int) -> int:
   return (rows_BxL.shape[1] - 1) // num_steps
 
 
-def train_window(rows_BxL: np.ndarray, i: int, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
-  """The i-th window: inputs and the targets shifted by one token, each (batch, num_steps)."""
-  start = i * num_steps
-  return (rows_BxL[:, start: start + num_steps],
-          rows_BxL[:, start + 1: start + num_steps + 1])
+def train_windows(rows_BxL: np.ndarray, first: int, count: int,
+                  num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """Windows first .. first + count - 1, stacked: inputs and the targets shifted by one token,
+  each (count, batch, num_steps). Window i covers tokens i * num_steps onward of every row."""
+  start, end = first * num_steps, (first + count) * num_steps
+  def stack(offset):
+    block = rows_BxL[:, start + offset: end + offset]
+    return block.reshape(rows_BxL.shape[0], count, num_steps).transpose(1, 0, 2)
+  return stack(0), stack(1)
 
 
 def eval_windows(rows_BxL: np.ndarray, num_steps: int):

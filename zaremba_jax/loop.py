@@ -109,7 +109,7 @@ def check_resumable(saved: dict, config, vocab, saved_vocab, say) -> None:
 
 def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
                        reporter: reporting.Reporter | None = None, *, restart: bool = False,
-                       stop_requested=lambda: None) -> dict | None:
+                       stop_requested=lambda step: None) -> dict | None:
   """Trains `config`'s model on PTB, validating each epoch, then runs the batch-1 test pass.
 
   Args:
@@ -118,7 +118,8 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
     workdir: where metrics.jsonl and checkpoints go (None: neither, nothing resumes).
     reporter: where progress goes (default: stdout and workdir/metrics.jsonl).
     restart: discard the workdir's checkpoints and start over.
-    stop_requested: returns a reason (e.g. 'SIGTERM') when the run should checkpoint and stop.
+    stop_requested: called with the global step after each call of train steps; returns a
+      reason (e.g. 'SIGTERM') when the run should checkpoint and stop.
 
   Returns:
     {'valid', 'test': perplexities, 'minutes': wall time, 'words_per_sec': training speed,
@@ -155,12 +156,22 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
                f" parameters; {run.steps_per_epoch} steps an epoch on"
                f" {jax.devices()[0].platform}")
 
-  train_step = train_lib.jit_train_step(run.model, run.tx)
+  train_steps = train_lib.jit_train_steps(run.model, run.tx)
   evaluator = Evaluator(config, corpus, run.model)
   log_every = max(1, run.steps_per_epoch // config.log_per_epoch)
   words_per_step = config.batch_size * config.num_steps
   step = int(state.step)  # a host copy: reading state.step would wait for the device each step
   capped = lambda: config.max_train_steps and step >= config.max_train_steps
+
+  def steps_this_call():
+    """config.steps_per_call windows in one call, or 1 where the host must act sooner (a
+    progress line, a checkpoint, the epoch's end, the step cap): two compiled shapes in all."""
+    room = [run.steps_per_epoch - progress.window, log_every - progress.window % log_every]
+    if ckpt:
+      room.append(config.checkpoint_every_steps - step % config.checkpoint_every_steps)
+    if config.max_train_steps:
+      room.append(config.max_train_steps - step)
+    return config.steps_per_call if config.steps_per_call <= min(room) else 1
 
   def lr_for(epoch):
     return train_lib.learning_rate_for_epoch(epoch, config.learning_rate, config.max_epoch,
@@ -193,21 +204,24 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
 
       def flush():
         # One float at a time, so the sum does not depend on where a checkpoint fell.
+        last = None
         for m in jax.device_get(pending):
-          progress.epoch_nll += float(m["nll_sum"])
-          progress.epoch_count += words_per_step
-        last = pending[-1] if pending else None
+          for nll_sum in m["nll_sum"]:
+            progress.epoch_nll += float(nll_sum)
+            progress.epoch_count += words_per_step
+          last = {name: values[-1] for name, values in m.items()}
         pending.clear()
         return last
 
       while progress.window < run.steps_per_epoch:
-        inputs_BxT, targets_BxT = data_lib.train_window(run.rows_BxL, progress.window,
-                                                        config.num_steps)
-        state, metrics = train_step(state, inputs_BxT, targets_BxT)
+        count = steps_this_call()
+        inputs_KxBxT, targets_KxBxT = data_lib.train_windows(run.rows_BxL, progress.window,
+                                                             count, config.num_steps)
+        state, metrics = train_steps(state, inputs_KxBxT, targets_KxBxT)
         pending.append(metrics)
-        progress.window += 1
-        words_since += words_per_step
-        step += 1
+        progress.window += count
+        words_since += count * words_per_step
+        step += count
         at_end = progress.window == run.steps_per_epoch
         # A line every log_every windows, and one at the epoch's end (not one just before it).
         near_end = run.steps_per_epoch - progress.window < log_every // 2
@@ -222,7 +236,7 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
                                   words_per_sec=words_since / seconds, learning_rate=lr,
                                   grad_norm=float(last["grad_norm"]))
           tic, words_since = time.time(), 0
-        reason = stop_requested()
+        reason = stop_requested(step)
         if reason or capped() or (ckpt and step % config.checkpoint_every_steps == 0
                                   and not at_end):
           flush()

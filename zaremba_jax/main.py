@@ -46,6 +46,10 @@ flags.DEFINE_integer("checkpoint_every_steps", _DEFAULTS.checkpoint_every_steps,
                      "Checkpoint every this many steps (and at each epoch end).", lower_bound=1)
 flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints, "Recent checkpoints to keep"
                      " (the best by validation perplexity is kept besides).", lower_bound=1)
+flags.DEFINE_integer("steps_per_call", _DEFAULTS.steps_per_call, "Train steps per jitted call,"
+                     " run as a lax.scan over that many windows (speed only: fewer dispatches"
+                     " and buffers reused in place; the result does not depend on it).",
+                     lower_bound=1)
 flags.DEFINE_bool("restart", False, "Discard the checkpoints in --workdir and start over.")
 flags.DEFINE_integer("checkpoint_step", None, "--mode=evaluate: this checkpoint, not the best.")
 flags.DEFINE_float("temperature", 0.0, "query/sample: softmax temperature; 0 picks the most"
@@ -88,7 +92,7 @@ class StopOnSignal:
       raise KeyboardInterrupt
     self.reason = signal.Signals(signum).name
 
-  def __call__(self):
+  def __call__(self, step=None):
     return self.reason
 
 
