@@ -13,7 +13,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,20 +25,8 @@ from zaremba_jax import model as model_lib
 from zaremba_jax import train as train_lib
 
 
-def time_ms(fn, args, iters, repeats):
-  jax.block_until_ready(fn(*args))  # compile
-  runs = []
-  for _ in range(repeats):
-    tic = time.perf_counter()
-    for _ in range(iters):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    runs.append((time.perf_counter() - tic) / iters * 1e3)
-  return statistics.median(runs)
-
-
 def pieces(config, vocab, dtype):
-  """(name, jitted fn, args) for every piece of `config`'s train step."""
+  """(name, run) for every piece of `config`'s train step; run(n) makes n calls and waits."""
   rng = np.random.default_rng(0)
   b, t, h = config.batch_size, config.num_steps, config.hidden_size
   normal = lambda *shape: jnp.asarray(rng.normal(size=shape) * 0.1, jnp.float32)
@@ -62,13 +49,22 @@ def pieces(config, vocab, dtype):
     return model_lib.softmax_nll(x, w, bias, targets, dtype).sum()
 
   grad_all = lambda fn, n: jax.jit(jax.grad(fn, argnums=tuple(range(n))))
+
+  def calls(fn, *args):
+    def run(n):
+      for _ in range(n):
+        out = fn(*args)
+      jax.block_until_ready(out)
+    return run
+
+  # The whole step as the training loop runs it, its donated state threaded through.
   system = throughput.JaxSystem(config, vocab, jnp.dtype(dtype).name, test_len=4096)
   return [
-      ("train step (whole)", None, system),
-      ("recurrence fwd (1 layer)", jax.jit(recurrence), (xw, w_hh, c0, h0)),
-      ("recurrence fwd+bwd (1 layer)", grad_all(recurrence_loss, 4), (xw, w_hh, c0, h0)),
-      ("input projection fwd+bwd", grad_all(projection_loss, 3), (x_TxBxH, w_ih, bias)),
-      ("output layer fwd+bwd", grad_all(output_loss, 3), (x_NxH, w_out, b_out)),
+      ("train step (whole)", system.train),
+      ("recurrence fwd (1 layer)", calls(jax.jit(recurrence), xw, w_hh, c0, h0)),
+      ("recurrence fwd+bwd (1 layer)", calls(grad_all(recurrence_loss, 4), xw, w_hh, c0, h0)),
+      ("input projection fwd+bwd", calls(grad_all(projection_loss, 3), x_TxBxH, w_ih, bias)),
+      ("output layer fwd+bwd", calls(grad_all(output_loss, 3), x_NxH, w_out, b_out)),
   ]
 
 
@@ -85,17 +81,12 @@ def main():
     config = throughput.preset_config(name)
     vocab = throughput.VOCAB[config.level]
     step_ms = None
-    for piece, fn, fn_args in pieces(config, vocab, args.dtype):
-      if fn is None:  # the whole step, with its donated state threaded through
-        system = fn_args
-        system.train(1)
-        runs = [throughput.timed(lambda: system.train(args.iters)) / args.iters * 1e3
-                for _ in range(args.repeats)]
-        ms = step_ms = statistics.median(runs)
-      else:
-        ms = time_ms(fn, fn_args, args.iters, args.repeats)
+    for piece, run in pieces(config, vocab, args.dtype):
+      run(args.iters)  # compile
+      ms = statistics.median(throughput.timed(lambda: run(args.iters)) / args.iters * 1e3
+                             for _ in range(args.repeats))
+      step_ms = step_ms or ms  # the first piece is the whole step
       print(f"{name:<11} {piece:<30} {ms:>9.2f} {ms / step_ms:>7.0%}", flush=True)
-
 
 if __name__ == "__main__":
   main()

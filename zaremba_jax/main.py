@@ -92,7 +92,8 @@ class StopOnSignal:
       raise KeyboardInterrupt
     self.reason = signal.Signals(signum).name
 
-  def __call__(self, step=None):
+  def __call__(self, step):
+    del step  # a signal can come at any step
     return self.reason
 
 

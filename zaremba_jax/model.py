@@ -118,8 +118,8 @@ def _recurrence_bwd(dtype, residuals, cotangents):
   w_hh_Hx4H, c0_BxH, h0_BxH, h_TxBxH, c_TxBxH, gates_TxBx4H = residuals
   dh_out_TxBxH, (dc_BxH, dh_BxH) = cotangents
   c_prev_TxBxH = jnp.concatenate([c0_BxH[None], c_TxBxH[:-1]], axis=0)
-  # Everything that does not depend on the carried gradients is computed here, over all steps at
-  # once: elementwise work inside the loop costs several times what it costs in bulk.
+  # What does not depend on the carried gradients is computed here, over all steps at once, which
+  # leaves the loop three elementwise products besides its matmul.
   i, f, o, g = jnp.split(gates_TxBx4H, 4, axis=-1)
   tanh_c = jnp.tanh(c_TxBxH)
   dc_from_dh_TxBxH = o * (1.0 - tanh_c * tanh_c)   # dc/dh through h = o * tanh(c)
@@ -248,4 +248,3 @@ def make_model(config, vocab_size: int) -> LanguageModel:
   return LanguageModel(vocab_size=vocab_size, hidden_size=config.hidden_size,
                        num_layers=config.num_layers, dropout=config.dropout,
                        init_scale=config.init_scale, dtype=jnp.dtype(config.dtype))
-
