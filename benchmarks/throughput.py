@@ -298,11 +298,11 @@ def main():
     results.append(bench_preset(name, args))
     print_table(results[-1:])
     sys.stdout.flush()
+    if args.json:  # after every preset, so a run cut short keeps what it measured
+      with open(args.json, "w") as f:
+        json.dump({"info": info, "results": results}, f, indent=1)
   print()
   print_table(results)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"info": info, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

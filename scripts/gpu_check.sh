@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# GPU checks, one script for a lent GPU machine: versions, the model tests, the throughput
-# benchmark (JAX CUDA vs PyTorch cuDNN), a checkpoint written on the GPU (for the CPU restore
-# check), and the small preset's full run if time allows.
-#   OUT=/some/folder DATA=path/to/ptb bash scripts/gpu_check.sh
+# GPU checks, one script for a lent GPU machine, most important first, each part under its own
+# timeout so one failure does not cost the rest: versions, the throughput benchmark (JAX CUDA vs
+# PyTorch cuDNN), the model tests, a checkpoint written on the GPU (for the CPU restore check),
+# and the small preset's full run in whatever time is left of BUDGET_S.
+#   OUT=/some/folder DATA=path/to/ptb BUDGET_S=400 bash scripts/gpu_check.sh
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-OUT=${OUT:-/tmp/gpu_out}; DATA=${DATA:-../shared/data/ptb}; mkdir -p "$OUT"
-quiet() { grep -v -E '^[IW][0-9]{4} |^WARNING: All log messages'; }
+OUT=${OUT:-/tmp/gpu_out}; DATA=${DATA:-../shared/data/ptb}; BUDGET_S=${BUDGET_S:-400}
+PRESETS=${PRESETS:-small,medium,large,char_small,char_large}; BENCH_S=${BENCH_S:-240}
+mkdir -p "$OUT"
+quiet() { grep --line-buffered -v -E '^[IW][0-9]{4} |^WARNING: All log messages'; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import jax, flax, optax, orbax.checkpoint as o, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, jax.devices())" 2>&1 | quiet | tee -a "$OUT/gpu.txt"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/model_test.py 2>&1 | tail -2 | tee -a "$OUT/gpu.txt"
-timeout 330 python3 benchmarks/throughput.py --presets=small,medium,large,char_small,char_large \
-  --steps=small=150,medium=100,large=60,char_small=100,char_large=20 --test_len=8192 \
+python3 -c "import jax, flax, optax, orbax.checkpoint as o, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, 'torch', torch.__version__, jax.devices())" 2>&1 | quiet | tee -a "$OUT/gpu.txt"
+timeout "$BENCH_S" python3 benchmarks/throughput.py --presets="$PRESETS" \
+  --steps=small=200,medium=100,large=60,char_small=100,char_large=30 --test_len=8192 \
   --json="$OUT/bench_gpu.json" 2>&1 | quiet | tee "$OUT/bench_gpu.txt"
-timeout 60 python3 -m zaremba_jax.main --flagfile=experiments/small.flags --hidden_size=64 \
+timeout 60 python3 -m pytest -q -p no:cacheprovider \
+  tests/model_test.py 2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
+timeout 45 python3 -m zaremba_jax.main --flagfile=experiments/small.flags --hidden_size=64 \
   --data_dir="$DATA" --workdir=/tmp/gpu_ckpt --max_train_steps=50 2>&1 | quiet | tail -3 | tee "$OUT/gpu_ckpt.txt"
 tar czf "$OUT/gpu_ckpt.tgz" -C /tmp gpu_ckpt
-timeout "${SMALL_S:-150}" python3 -m zaremba_jax.main --flagfile=experiments/small.flags \
-  --data_dir="$DATA" --workdir=/tmp/small_gpu --log_per_epoch=2 2>&1 | quiet | tee "$OUT/small_gpu.log"
+left=$((BUDGET_S - SECONDS - 10))
+echo "small full run: ${left}s left" | tee "$OUT/small_gpu.log"
+[ "$left" -gt 20 ] && timeout "$left" python3 -m zaremba_jax.main --flagfile=experiments/small.flags \
+  --data_dir="$DATA" --workdir=/tmp/small_gpu --log_per_epoch=2 2>&1 | quiet | tee -a "$OUT/small_gpu.log"
+exit 0
