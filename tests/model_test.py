@@ -163,6 +163,46 @@ class RecurrenceGradientTest(absltest.TestCase):
     self.assertGreater(np.abs(np.asarray(half) - np.asarray(full)).max(), 0)  # really bf16
 
 
+class WeightGradTest(absltest.TestCase):
+  """x^T dy through a materialised transpose, the bfloat16 weight gradients' fast form."""
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(3)
+    self.x = jnp.asarray(rng.normal(size=(37, 11)), jnp.float32)
+    self.dy = jnp.asarray(rng.normal(size=(37, 23)), jnp.float32)
+
+  def test_transpose_by_gather_is_the_transpose(self):
+    np.testing.assert_array_equal(model_lib._transpose_by_gather(self.x), self.x.T)
+
+  def test_equals_the_one_dot_general_form(self):
+    for dtype in (jnp.float32, jnp.bfloat16):
+      got = model_lib._weight_grad(self.x, self.dy, dtype)
+      want = model_lib._dot(self.x, self.dy, (0, 0), dtype)  # same rounding of the inputs
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(dtype))
+
+  def test_bfloat16_product_stays_bfloat16_on_cpu(self):
+    if jax.default_backend() != "cpu":
+      self.skipTest("the float32 fallback this guards against is XLA CPU's")
+    hlo = jax.jit(model_lib._weight_grad, static_argnums=2).lower(
+        self.x, self.dy, jnp.bfloat16).compile().as_text()
+    dot_computation = [c for c in hlo.split("\n\n") if " dot(" in c]
+    self.assertLen(dot_computation, 1)
+    self.assertIn("bf16[11,37]", dot_computation[0])  # the transposed x, still bfloat16
+
+  def test_projection_gradient_matches_autodiff(self):
+    w = jnp.asarray(np.random.default_rng(4).normal(size=(11, 23)), jnp.float32)
+    probe = self.dy
+    for dtype in (jnp.float32, jnp.bfloat16):
+      loss = lambda f: lambda x, w: (f(x, w) * probe).sum()
+      got = jax.grad(loss(lambda x, w: model_lib._project(x, w, dtype)), argnums=(0, 1))(self.x, w)
+      want = jax.grad(loss(lambda x, w: model_lib._matmul(x, w, dtype)), argnums=(0, 1))(self.x, w)
+      for name, g, e in zip(("x", "w"), got, want):
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(g, e, rtol=tol, atol=tol * float(jnp.abs(e).max()),
+                                   err_msg=f"{name} {dtype}")
+
+
 class SoftmaxNLLTest(absltest.TestCase):
   """The fused softmax cross-entropy against optax on explicit logits."""
 

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class LSTMState(NamedTuple):
@@ -53,6 +54,45 @@ def _dot(a, b, contract, dtype):
 def _matmul(a, b, dtype):
   """a @ b for a 2-D b: `_dot` over a's last axis and b's first."""
   return _dot(a, b, (a.ndim - 1, 0), dtype)
+
+
+def _transpose_by_gather(a_MxK):
+  """a.T, written as a gather so that XLA materialises it row-major instead of folding it."""
+  m, k = a_MxK.shape
+  index_KxM = np.arange(k)[:, None] + k * np.arange(m)[None, :]
+  return a_MxK.reshape(-1)[index_KxM.reshape(-1)].reshape(k, m)
+
+
+def _weight_grad(x_MxK, dy_MxN, dtype):
+  """x^T dy: the gradient of w in y = x @ w, summed over the M rows.
+
+  As one dot_general, x^T dy contracts x's first axis, a form XLA's CPU backend runs in float32
+  even for bfloat16 inputs. For bfloat16 on the CPU, x^T is therefore materialised first (by a
+  gather, which XLA does not fold back into the product; a transpose it would) and the product
+  runs as a bfloat16 [K,M]x[M,N]: 1.6-1.9x faster for this model's weight gradients, measured
+  by benchmarks/weight_grad.py. float32 products gain nothing from it and keep the one dot_general.
+  """
+  if jnp.dtype(dtype) == jnp.float32 or jax.default_backend() != "cpu":
+    return _dot(x_MxK, dy_MxN, (0, 0), dtype)
+  return _dot(_transpose_by_gather(x_MxK.astype(dtype)), dy_MxN, (1, 0), dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project(x_NxD, w_DxK, dtype):
+  """x @ w for a 2-D x, with the weight gradient of `_weight_grad`."""
+  return _matmul(x_NxD, w_DxK, dtype)
+
+
+def _project_fwd(x_NxD, w_DxK, dtype):
+  return _matmul(x_NxD, w_DxK, dtype), (x_NxD, w_DxK)
+
+
+def _project_bwd(dtype, residuals, dy_NxK):
+  x_NxD, w_DxK = residuals
+  return _dot(dy_NxK, w_DxK, (1, 1), dtype), _weight_grad(x_NxD, dy_NxK, dtype)
+
+
+_project.defvjp(_project_fwd, _project_bwd)
 
 
 def _gate_scale(hidden):
@@ -143,7 +183,7 @@ def _recurrence_bwd(dtype, residuals, cotangents):
       reverse=True)
   h_prev_TxBxH = jnp.concatenate([h0_BxH[None], h_TxBxH[:-1]], axis=0)
   hidden = h_prev_TxBxH.shape[-1]
-  dw_hh = _dot(h_prev_TxBxH.reshape(-1, hidden), da_TxBx4H.reshape(-1, 4 * hidden), (0, 0), dtype)
+  dw_hh = _weight_grad(h_prev_TxBxH.reshape(-1, hidden), da_TxBx4H.reshape(-1, 4 * hidden), dtype)
   return da_TxBx4H, dw_hh, dc0, dh0
 
 
@@ -174,7 +214,7 @@ def _softmax_nll_bwd(dtype, residuals, g_N):
   x_NxH, w_HxV, dlogits_NxV = residuals
   d_NxV = dlogits_NxV * g_N[:, None].astype(dtype)
   dx_NxH = _dot(d_NxV, w_HxV, (1, 1), dtype)
-  dw_HxV = _dot(x_NxH, d_NxV, (0, 0), dtype)
+  dw_HxV = _weight_grad(x_NxH, d_NxV, dtype)
   return dx_NxH, dw_HxV, d_NxV.astype(jnp.float32).sum(0), None
 
 
@@ -196,7 +236,12 @@ class LSTMLayer(nn.Module):
     w_hh = self.param("w_hh", init, (self.hidden_size, four_h))
     b = self.param("b", init, (four_h,))
     # The input half of the affine map does not depend on the recurrence: one big matmul.
-    xw_TxBx4H = _matmul(x_TxBxD, w_ih, self.dtype) + b
+    t, batch, d = x_TxBxD.shape
+    if jnp.dtype(self.dtype) == jnp.float32:  # autodiff's products are already the fast ones
+      xw_TxBx4H = _matmul(x_TxBxD, w_ih, self.dtype) + b
+    else:
+      xw_TxBx4H = _project(x_TxBxD.reshape(t * batch, d), w_ih, self.dtype).reshape(
+          t, batch, four_h) + b
     return lstm_recurrence(xw_TxBx4H, w_hh, c_BxH, h_BxH, self.dtype)
 
 
