@@ -43,7 +43,7 @@ def pieces(config, vocab, dtype):
     return (recurrence(xw, w_hh, c0, h0) * probe).sum()
 
   def projection_loss(x, w, bias):
-    return (model_lib._matmul(x, w, dtype) + bias).sum()  # pylint: disable=protected-access
+    return model_lib.input_projection(x, w, bias, dtype).sum()
 
   def output_loss(x, w, bias):
     return model_lib.softmax_nll(x, w, bias, targets, dtype).sum()

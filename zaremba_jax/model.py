@@ -95,6 +95,15 @@ def _project_bwd(dtype, residuals, dy_NxK):
 _project.defvjp(_project_fwd, _project_bwd)
 
 
+def input_projection(x_TxBxD, w_Dx4H, b_4H, dtype):
+  """x_t W_ih + b for every step at once: the half of the gates that does not depend on the
+  recurrence, as one big matmul outside its loop."""
+  if jnp.dtype(dtype) == jnp.float32:  # autodiff's products are already the fast ones
+    return _matmul(x_TxBxD, w_Dx4H, dtype) + b_4H
+  t, batch, d = x_TxBxD.shape
+  return _project(x_TxBxD.reshape(t * batch, d), w_Dx4H, dtype).reshape(t, batch, -1) + b_4H
+
+
 def _gate_scale(hidden):
   """[0.5]*3H + [1]*H: sigmoid(a) = 0.5 * tanh(0.5 * a) + 0.5 for i, f, o; tanh(a) for g.
 
@@ -235,13 +244,7 @@ class LSTMLayer(nn.Module):
     w_ih = self.param("w_ih", init, (x_TxBxD.shape[-1], four_h))
     w_hh = self.param("w_hh", init, (self.hidden_size, four_h))
     b = self.param("b", init, (four_h,))
-    # The input half of the affine map does not depend on the recurrence: one big matmul.
-    t, batch, d = x_TxBxD.shape
-    if jnp.dtype(self.dtype) == jnp.float32:  # autodiff's products are already the fast ones
-      xw_TxBx4H = _matmul(x_TxBxD, w_ih, self.dtype) + b
-    else:
-      xw_TxBx4H = _project(x_TxBxD.reshape(t * batch, d), w_ih, self.dtype).reshape(
-          t, batch, four_h) + b
+    xw_TxBx4H = input_projection(x_TxBxD, w_ih, b, self.dtype)
     return lstm_recurrence(xw_TxBx4H, w_hh, c_BxH, h_BxH, self.dtype)
 
 
