@@ -10,7 +10,6 @@ whole loop costs more than its matmul, the rest is elementwise work and the loop
 
 import argparse
 import os
-import statistics
 import sys
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.throughput import timed  # pylint: disable=g-import-not-at-top
+from benchmarks.throughput import alternating_medians  # pylint: disable=g-import-not-at-top
 from zaremba_jax import model as model_lib
 
 
@@ -64,17 +63,12 @@ def main():
   args_ = (jax.random.normal(keys[0], (h, 4 * h)) * 0.05, jax.random.normal(keys[1], (t, b, 4 * h)),
            jnp.zeros((b, h)), jnp.zeros((b, h)))
   fns = {name: jax.jit(fn) for name, fn in loops(b, h).items()}
-  for fn in fns.values():
-    jax.block_until_ready(fn(*args_))
-  times = {name: [] for name in fns}
-  for _ in range(args.repeats):
-    for name, fn in fns.items():
-      times[name].append(timed(lambda: jax.block_until_ready(fn(*args_))) / t)
+  seconds = alternating_medians(fns, args_, args.repeats)
   gflop = 2 * b * h * 4 * h / 1e9
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}; batch {b}, hidden {h}, {t} steps")
   print(f"{'piece':<22} {'us/step':>8} {'matmul GFLOP/s':>15}")
-  for name, ts in times.items():
-    step_s = statistics.median(ts)
+  for name, total_s in seconds.items():
+    step_s = total_s / t
     rate = f"{gflop / step_s:.0f}" if name.startswith("matmul") else "-"
     print(f"{name:<22} {step_s * 1e6:>8.1f} {rate:>15}")
 

@@ -11,7 +11,6 @@ of this is most of a token's time.
 """
 
 import os
-import statistics
 import sys
 
 import jax
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.throughput import timed  # pylint: disable=g-import-not-at-top
+from benchmarks.throughput import alternating_medians  # pylint: disable=g-import-not-at-top
 from zaremba_jax import model as model_lib
 
 HIDDEN = {"small / char_small": 200, "medium": 650, "large": 1500}
@@ -47,14 +46,8 @@ def main(repeats=7):
     h = jnp.ones((1, hidden))
     fns = {name: scan_fn(hidden, dtype) for name, dtype in
            (("float32", jnp.float32), ("bfloat16", jnp.bfloat16))}
-    for fn in fns.values():
-      jax.block_until_ready(fn(w, h))
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-      for name, fn in fns.items():  # alternate, so drift hits both alike
-        times[name].append(timed(lambda: jax.block_until_ready(fn(w, h))) / STEPS)
-    for name, t in times.items():
-      step_s = statistics.median(t)
+    for name, seconds in alternating_medians(fns, (w, h), repeats).items():
+      step_s = seconds / STEPS
       mbytes = hidden * 4 * hidden * jnp.dtype(name).itemsize / 1e6
       print(f"{preset:<20} {hidden:>5} {mbytes:>8.1f} {name:>9} {step_s * 1e6:>9.1f}"
             f" {mbytes / 1e3 / step_s:>13.1f}", flush=True)

@@ -47,6 +47,18 @@ def timed(fn):
   return time.perf_counter() - tic
 
 
+def alternating_medians(fns, args, repeats):
+  """{name: median seconds of fn(*args)} after one warm-up call each; the fns take turns within
+  every repeat, so drift on a noisy machine hits all of them alike."""
+  for fn in fns.values():
+    jax.block_until_ready(fn(*args))
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      times[name].append(timed(lambda: jax.block_until_ready(fn(*args))))  # pylint: disable=cell-var-from-loop
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 class JaxSystem:
   """Our train_steps and evaluate, exactly as the training loop runs them."""
 

@@ -9,7 +9,6 @@ them, for the output layer's and the LSTM's weight gradients.
 """
 
 import os
-import statistics
 import sys
 
 import jax
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.throughput import timed  # pylint: disable=g-import-not-at-top
+from benchmarks.throughput import alternating_medians  # pylint: disable=g-import-not-at-top
 from zaremba_jax import model as model_lib
 
 # (rows M = batch x window, in features K, out features N, what)
@@ -39,14 +38,9 @@ def main(repeats=11):
     key_x, key_dy = jax.random.split(jax.random.key(0))
     x, dy = jax.random.normal(key_x, (m, k)), jax.random.normal(key_dy, (m, n))
     fns = {name: jax.jit(form) for name, form in forms.items()}
-    for fn in fns.values():
-      jax.block_until_ready(fn(x, dy))
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-      for name, fn in fns.items():  # alternate, so drift hits every form alike
-        times[name].append(timed(lambda: jax.block_until_ready(fn(x, dy))))
+    seconds = alternating_medians(fns, (x, dy), repeats)
     print(f"{what:<17} {f'{m} x {k} x {n}':>18}"
-          + "".join(f" {statistics.median(t) * 1e3:>21.2f}" for t in times.values()), flush=True)
+          + "".join(f" {s * 1e3:>21.2f}" for s in seconds.values()), flush=True)
 
 
 if __name__ == "__main__":

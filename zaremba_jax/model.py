@@ -63,6 +63,11 @@ def _transpose_by_gather(a_MxK):
   return a_MxK.reshape(-1)[index_KxM.reshape(-1)].reshape(k, m)
 
 
+def _gathered_weight_grads(dtype):
+  """Whether weight gradients go through `_transpose_by_gather`: only bfloat16 on the CPU gains."""
+  return jnp.dtype(dtype) != jnp.float32 and jax.default_backend() == "cpu"
+
+
 def _weight_grad(x_MxK, dy_MxN, dtype):
   """x^T dy: the gradient of w in y = x @ w, summed over the M rows.
 
@@ -72,7 +77,7 @@ def _weight_grad(x_MxK, dy_MxN, dtype):
   runs as a bfloat16 [K,M]x[M,N]: 1.6-1.9x faster for this model's weight gradients, measured
   by benchmarks/weight_grad.py. float32 products gain nothing from it and keep the one dot_general.
   """
-  if jnp.dtype(dtype) == jnp.float32 or jax.default_backend() != "cpu":
+  if not _gathered_weight_grads(dtype):
     return _dot(x_MxK, dy_MxN, (0, 0), dtype)
   return _dot(_transpose_by_gather(x_MxK.astype(dtype)), dy_MxN, (1, 0), dtype)
 
@@ -99,7 +104,7 @@ def input_projection(x_TxBxD, w_Dx4H, b_4H, dtype):
   """x_t W_ih + b for every step at once: the half of the gates that does not depend on the
   recurrence, as one big matmul outside its loop. Autodiff's products are the fast ones except
   for bfloat16 on the CPU, which gets `_project`'s weight gradient."""
-  if jnp.dtype(dtype) == jnp.float32 or jax.default_backend() != "cpu":
+  if not _gathered_weight_grads(dtype):
     return _matmul(x_TxBxD, w_Dx4H, dtype) + b_4H
   t, batch, d = x_TxBxD.shape
   return _project(x_TxBxD.reshape(t * batch, d), w_Dx4H, dtype).reshape(t, batch, -1) + b_4H
