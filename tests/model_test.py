@@ -163,6 +163,38 @@ class RecurrenceGradientTest(absltest.TestCase):
     self.assertGreater(np.abs(np.asarray(half) - np.asarray(full)).max(), 0)  # really bf16
 
 
+class TableInputTest(absltest.TestCase):
+  """The first layer fed (E W_ih)[tokens] against E[tokens] W_ih: the same layer, computed twice."""
+
+  def test_table_path_equals_lookup_then_project(self):
+    self.enter_context(jax.default_matmul_precision("highest"))
+    rng = np.random.default_rng(5)
+    t, b, v, d, h = 7, 4, 9, 5, 6  # v < t * b, the case the model takes the table path for
+    table_VxD = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
+    tokens_TxB = jnp.asarray(rng.integers(0, v, size=(t, b)), jnp.int32)
+    c0, h0 = (jnp.asarray(rng.normal(size=(b, h)), jnp.float32) for _ in range(2))
+    probe_TxBxH = jnp.asarray(rng.normal(size=(t, b, h)), jnp.float32)
+    layer = model_lib.LSTMLayer(hidden_size=h, init_scale=0.5)
+    params = layer.init(jax.random.key(0), c0, h0, x_TxBxD=table_VxD[tokens_TxB])["params"]
+
+    def loss(params, table_VxD, via_table):
+      inputs = (dict(table_VxD=table_VxD, tokens_TxB=tokens_TxB) if via_table else
+                dict(x_TxBxD=table_VxD[tokens_TxB]))
+      out_TxBxH, (c, hh) = layer.apply({"params": params}, c0, h0, **inputs)
+      return (out_TxBxH * probe_TxBxH).sum() + c.sum() + hh.sum()
+
+    for dtype in (jnp.float32, jnp.bfloat16):
+      layer = layer.clone(dtype=dtype)
+      got, got_grads = jax.value_and_grad(loss, argnums=(0, 1))(params, table_VxD, True)
+      want, want_grads = jax.value_and_grad(loss, argnums=(0, 1))(params, table_VxD, False)
+      tol = 1e-5 if dtype == jnp.float32 else 2e-2
+      np.testing.assert_allclose(got, want, rtol=tol)
+      for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(got_grads),
+                              jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, e, rtol=tol, atol=tol * float(jnp.abs(e).max()),
+                                   err_msg=f"{jax.tree_util.keystr(path)} {dtype}")
+
+
 class WeightGradTest(absltest.TestCase):
   """x^T dy through a materialised transpose, the bfloat16 weight gradients' fast form."""
 
