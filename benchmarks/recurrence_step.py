@@ -4,8 +4,9 @@
 
 Times, each as a `lax.scan` over --steps steps at --batch rows (median of --repeats, alternating):
 the recurrent matmul alone (h @ W_hh), the gate arithmetic alone (no matmul), and the model's whole
-forward loop (`model._recurrence_forward`), in float32 and with bfloat16 matmul inputs. Where the
-whole loop costs more than its matmul, the rest is elementwise work and the loop's own overhead.
+forward loop as training runs it (`model._recurrence_forward`, residuals included), in float32 and
+with bfloat16 matmul inputs. Where the whole loop costs more than its matmul, the rest is
+elementwise work and the loop's own overhead.
 """
 
 import argparse
@@ -42,7 +43,7 @@ def loops(batch, hidden):
     return jax.lax.scan(step, (c, h), xw)
 
   def whole(dtype):
-    return lambda w, xw, h, c: model_lib._recurrence_forward(xw, w, c, h, dtype)
+    return lambda w, xw, h, c: model_lib._recurrence_forward(xw, w, c, h, dtype, True)
 
   return {"matmul only float32": matmul_only(jnp.float32),
           "matmul only bfloat16": matmul_only(jnp.bfloat16),

@@ -120,8 +120,13 @@ def _gate_scale(hidden):
                           jnp.ones((hidden,), jnp.float32)])
 
 
-def _recurrence_forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype):
-  """The loop over time; also returns every step's c and gate activations [i, f, o, g]."""
+def _recurrence_forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype, residuals):
+  """The loop over time: (final (c, h), h_TxBxH) and, if `residuals`, what the backward needs.
+
+  The backward's step-local factors (each gate's derivative times its partner in c = f c + i g,
+  and dc/dh through h = o tanh(c)) are computed here, in the step that has them at hand, instead
+  of by a separate pass over the stored gates: the backward then reads them once.
+  """
   scale_4H = _gate_scale(w_hh_Hx4H.shape[0])
   offset_4H = 0.5 - 0.5 * (scale_4H == 1.0)  # 0.5 for i, f, o; 0 for g
   # Scaling by 0.5 is exact, so the pre-scaled weights and inputs change no rounding.
@@ -133,12 +138,17 @@ def _recurrence_forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype):
     act = jnp.tanh(xw_Bx4H + _matmul(h_prev, w, dtype)) * scale_4H + offset_4H
     i, f, o, g = jnp.split(act, 4, axis=-1)
     c = f * c_prev + i * g
-    h = o * jnp.tanh(c)
-    return (c, h), (h, c, act)
+    tanh_c = jnp.tanh(c)
+    h = o * tanh_c
+    if not residuals:
+      return (c, h), h
+    # d(pre-activation) = [dc, dc, dh, dc] * da_from_d, gate by gate (i, f, o, g):
+    da_from_d = jnp.concatenate([g * i * (1.0 - i), c_prev * f * (1.0 - f),
+                                 tanh_c * o * (1.0 - o), i * (1.0 - g * g)], axis=-1)
+    dc_from_dh = o * (1.0 - tanh_c * tanh_c)
+    return (c, h), (h, da_from_d, dc_from_dh, f)
 
-  (c_BxH, h_BxH), (h_TxBxH, c_TxBxH, gates_TxBx4H) = jax.lax.scan(
-      step, (c_BxH, h_BxH), xw_TxBx4H)
-  return h_TxBxH, (c_BxH, h_BxH), (c_TxBxH, gates_TxBx4H)
+  return jax.lax.scan(step, (c_BxH, h_BxH), xw_TxBx4H)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -158,31 +168,20 @@ def lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype=jnp.float32):
   Returns:
     (h_TxBxH, (c_BxH, h_BxH)): every step's output and the final state.
   """
-  h_TxBxH, final, _ = _recurrence_forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype)
+  final, h_TxBxH = _recurrence_forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype, False)
   return h_TxBxH, final
 
 
 def _recurrence_fwd(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype):
-  h_TxBxH, final, (c_TxBxH, gates_TxBx4H) = _recurrence_forward(
-      xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype)
-  residuals = (w_hh_Hx4H, c_BxH, h_BxH, h_TxBxH, c_TxBxH, gates_TxBx4H)
+  final, (h_TxBxH, da_from_d_TxBx4H, dc_from_dh_TxBxH, f_TxBxH) = _recurrence_forward(
+      xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype, True)
+  residuals = (w_hh_Hx4H, h_BxH, h_TxBxH, da_from_d_TxBx4H, dc_from_dh_TxBxH, f_TxBxH)
   return (h_TxBxH, final), residuals
 
 
 def _recurrence_bwd(dtype, residuals, cotangents):
-  w_hh_Hx4H, c0_BxH, h0_BxH, h_TxBxH, c_TxBxH, gates_TxBx4H = residuals
+  w_hh_Hx4H, h0_BxH, h_TxBxH, da_from_d_TxBx4H, dc_from_dh_TxBxH, f_TxBxH = residuals
   dh_out_TxBxH, (dc_BxH, dh_BxH) = cotangents
-  c_prev_TxBxH = jnp.concatenate([c0_BxH[None], c_TxBxH[:-1]], axis=0)
-  # What does not depend on the carried gradients is computed here, over all steps at once, which
-  # leaves the loop three elementwise products besides its matmul.
-  i, f, o, g = jnp.split(gates_TxBx4H, 4, axis=-1)
-  tanh_c = jnp.tanh(c_TxBxH)
-  dc_from_dh_TxBxH = o * (1.0 - tanh_c * tanh_c)   # dc/dh through h = o * tanh(c)
-  # d(pre-activation) = [dc, dc, dh, dc] * this, gate by gate:
-  da_from_d_TxBx4H = jnp.concatenate([g * i * (1.0 - i),            # input gate
-                                      c_prev_TxBxH * f * (1.0 - f),  # forget gate
-                                      tanh_c * o * (1.0 - o),        # output gate
-                                      i * (1.0 - g * g)], axis=-1)   # candidate
   w = w_hh_Hx4H.astype(dtype)  # cast once; used untransposed (see _dot)
 
   def step(carry, xs):
@@ -194,7 +193,7 @@ def _recurrence_bwd(dtype, residuals, cotangents):
     return (dc * f, _dot(da, w, (1, 1), dtype)), da
 
   (dc0, dh0), da_TxBx4H = jax.lax.scan(
-      step, (dc_BxH, dh_BxH), (dh_out_TxBxH, dc_from_dh_TxBxH, da_from_d_TxBx4H, f),
+      step, (dc_BxH, dh_BxH), (dh_out_TxBxH, dc_from_dh_TxBxH, da_from_d_TxBx4H, f_TxBxH),
       reverse=True)
   h_prev_TxBxH = jnp.concatenate([h0_BxH[None], h_TxBxH[:-1]], axis=0)
   hidden = h_prev_TxBxH.shape[-1]
