@@ -76,6 +76,21 @@ class ModelTest(absltest.TestCase):
     np.testing.assert_allclose(carry.c_LxBxH, want_c, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(carry.h_LxBxH, want_h, rtol=1e-5, atol=1e-5)
 
+  def test_batch_one_matches_loop_over_time(self):
+    # Batch 1 (the test protocol) runs the recurrence on 1-D state vectors: check it separately.
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 11, size=(1, 9)).astype(np.int32)
+    c0 = rng.normal(size=(2, 1, 6)).astype(np.float32)
+    h0 = rng.normal(size=(2, 1, 6)).astype(np.float32)
+    logits, carry = self.model.apply({"params": self.params}, tokens,
+                                     model_lib.LSTMState(jnp.asarray(c0), jnp.asarray(h0)),
+                                     train=False)
+    want_logits, want_c, want_h = self.numpy_forward(tokens, c0, h0)
+    self.assertEqual(carry.h_LxBxH.shape, (2, 1, 6))
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(carry.c_LxBxH, want_c, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(carry.h_LxBxH, want_h, rtol=1e-5, atol=1e-5)
+
   def test_the_carry_carries(self):
     rng = np.random.default_rng(1)
     first_a, first_b, second = (rng.integers(0, 11, size=(self.batch, 5)).astype(np.int32)

@@ -148,6 +148,11 @@ def _recurrence_forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, dtype, residuals):
     dc_from_dh = o * (1.0 - tanh_c * tanh_c)
     return (c, h), (h, da_from_d, dc_from_dh, f)
 
+  if h_BxH.shape[0] == 1 and not residuals and jax.default_backend() == "cpu":
+    # Batch 1 (the test protocol): the same step on 1-D state vectors, which XLA's CPU backend
+    # runs as a matrix-vector product ~5% faster than a 1-row matmul (not measured on GPUs).
+    (c_H, h_H), h_TxH = jax.lax.scan(step, (c_BxH[0], h_BxH[0]), xw_TxBx4H[:, 0])
+    return (c_H[None], h_H[None]), h_TxH[:, None]
   return jax.lax.scan(step, (c_BxH, h_BxH), xw_TxBx4H)
 
 
