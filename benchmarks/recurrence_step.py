@@ -4,8 +4,8 @@
 
 Times, each as a `lax.scan` over --steps steps at --batch rows (median of --repeats, alternating):
 the recurrent matmul alone (h @ W_hh), the gate arithmetic alone (no matmul), and the model's whole
-forward loop as training runs it (`model._recurrence_forward`, residuals included), in float32 and
-with bfloat16 matmul inputs. Where the whole loop costs more than its matmul, the rest is
+forward loop as training runs it on this backend (`model._recurrence_forward`, with what it
+keeps for the backward), in float32 and with bfloat16 matmul inputs. Where the whole loop costs more than its matmul, the rest is
 elementwise work and the loop's own overhead.
 """
 
@@ -42,8 +42,10 @@ def loops(batch, hidden):
       return (c, h), (h, c)
     return jax.lax.scan(step, (c, h), xw)
 
+  emit = "factors" if model_lib._factors_in_loop() else "gates"  # pylint: disable=protected-access
+
   def whole(dtype):
-    return lambda w, xw, h, c: model_lib._recurrence_forward(xw, w, c, h, dtype, True)
+    return lambda w, xw, h, c: model_lib._recurrence_forward(xw, w, c, h, dtype, emit)
 
   return {"matmul only float32": matmul_only(jnp.float32),
           "matmul only bfloat16": matmul_only(jnp.bfloat16),

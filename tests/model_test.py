@@ -1,5 +1,7 @@
 """The LSTM against the paper's equations, computed another way."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,9 +167,13 @@ class RecurrenceGradientTest(absltest.TestCase):
       return f
 
     want = jax.grad(scalar(plain), argnums=(0, 1, 2, 3))(xw, w, c0, h0)
-    got = jax.grad(scalar(model_lib.lstm_recurrence), argnums=(0, 1, 2, 3))(xw, w, c0, h0)
-    for name, g, e in zip(("xw", "w_hh", "c0", "h0"), got, want):
-      np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=name)
+    # Both places for the backward's per-step factors: the forward loop (CPUs), and a pass over
+    # the stored gates before the backward loop (GPUs).
+    for in_loop in (True, False):
+      with mock.patch.object(model_lib, "_factors_in_loop", return_value=in_loop):
+        got = jax.grad(scalar(model_lib.lstm_recurrence), argnums=(0, 1, 2, 3))(xw, w, c0, h0)
+      for name, g, e in zip(("xw", "w_hh", "c0", "h0"), got, want):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=f"{name}, {in_loop=}")
     out, _ = model_lib.lstm_recurrence(xw, w, c0, h0)
     np.testing.assert_allclose(out, plain(xw, w, c0, h0)[0], rtol=1e-6, atol=1e-6)
 
