@@ -4,9 +4,9 @@
 
 Times, each as a `lax.scan` over --steps steps at --batch rows (median of --repeats, alternating):
 the recurrent matmul alone (h @ W_hh), the gate arithmetic alone (no matmul), and the model's whole
-forward loop as training runs it on this backend (`model._recurrence_forward`, with what it
-keeps for the backward), in float32 and with bfloat16 matmul inputs. Where the whole loop costs more than its matmul, the rest is
-elementwise work and the loop's own overhead.
+forward loop as training runs it on this backend (`model._recurrence_forward`, with what it keeps
+for the backward), in float32 and with bfloat16 matmul inputs. Where the whole loop costs more than
+its matmul, the rest is elementwise work and the loop's own overhead.
 """
 
 import argparse
