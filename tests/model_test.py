@@ -222,6 +222,18 @@ class TableInputTest(absltest.TestCase):
         assert_gradient_close(g, e, dtype, f"{jax.tree_util.keystr(path)} {dtype}")
 
 
+  def test_a_projected_table_with_dropout_is_refused(self):
+    model = model_lib.LanguageModel(vocab_size=9, hidden_size=8, num_layers=1, dropout=0.5,
+                                    init_scale=0.1)
+    tokens = jnp.zeros((2, 3), jnp.int32)
+    carry = model_lib.zero_state(1, 2, 8)
+    params = model.init(jax.random.key(0), tokens, carry, train=False)["params"]
+    table = model_lib.first_layer_table(params)
+    with self.assertRaisesRegex(ValueError, "without dropout"):
+      model.apply({"params": params}, tokens, carry, train=True, xw_table_Vx4H=table,
+                  rngs={"dropout": jax.random.key(1)})
+
+
 class WeightGradTest(absltest.TestCase):
   """x^T dy through a materialised transpose, the bfloat16 weight gradients' fast form."""
 

@@ -118,11 +118,15 @@ def evaluate(params, inputs_NxBxT, targets_NxBxT, mask_NxBxT, *, model):
   """
   num_layers = model.num_layers
   carry = model_lib.zero_state(num_layers, inputs_NxBxT.shape[1], model.hidden_size)
+  # A stream longer than the vocabulary: the first layer's input projection of every vocabulary
+  # row, made once for all windows, is cheaper than projecting every token.
+  xw_table_Vx4H = (model_lib.first_layer_table(params, model.dtype)
+                   if model.vocab_size < inputs_NxBxT.size else None)
 
   def body(carry, window):
     inputs_BxT, targets_BxT, mask_BxT = window
     nll_BxT, carry = model.apply({"params": params}, inputs_BxT, carry, train=False,
-                                 targets_BxT=targets_BxT)
+                                 targets_BxT=targets_BxT, xw_table_Vx4H=xw_table_Vx4H)
     return carry, ((nll_BxT * mask_BxT).sum(), mask_BxT.sum())
 
   _, (nll_N, count_N) = jax.lax.scan(body, carry, (inputs_NxBxT, targets_NxBxT, mask_NxBxT))
