@@ -73,11 +73,12 @@ class ModelTest(absltest.TestCase):
     self.assertEqual(shapes["embedding"], (11, 6))
     self.assertEqual(shapes["softmax_w"], (6, 11))
 
-  def test_scan_matches_loop_over_time(self):
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 11, size=(self.batch, 7)).astype(np.int32)
-    c0 = rng.normal(size=(2, self.batch, 6)).astype(np.float32)
-    h0 = rng.normal(size=(2, self.batch, 6)).astype(np.float32)
+  def assert_matches_numpy_forward(self, batch, steps, seed):
+    """The model from a random state over random tokens, against `numpy_forward`; the carry."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 11, size=(batch, steps)).astype(np.int32)
+    c0 = rng.normal(size=(2, batch, 6)).astype(np.float32)
+    h0 = rng.normal(size=(2, batch, 6)).astype(np.float32)
     logits, carry = self.model.apply({"params": self.params}, tokens,
                                      model_lib.LSTMState(jnp.asarray(c0), jnp.asarray(h0)),
                                      train=False)
@@ -85,21 +86,15 @@ class ModelTest(absltest.TestCase):
     np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(carry.c_LxBxH, want_c, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(carry.h_LxBxH, want_h, rtol=1e-5, atol=1e-5)
+    return carry
+
+  def test_scan_matches_loop_over_time(self):
+    self.assert_matches_numpy_forward(self.batch, 7, seed=0)
 
   def test_batch_one_matches_loop_over_time(self):
     # Batch 1 (the test protocol) runs the recurrence on 1-D state vectors: check it separately.
-    rng = np.random.default_rng(2)
-    tokens = rng.integers(0, 11, size=(1, 9)).astype(np.int32)
-    c0 = rng.normal(size=(2, 1, 6)).astype(np.float32)
-    h0 = rng.normal(size=(2, 1, 6)).astype(np.float32)
-    logits, carry = self.model.apply({"params": self.params}, tokens,
-                                     model_lib.LSTMState(jnp.asarray(c0), jnp.asarray(h0)),
-                                     train=False)
-    want_logits, want_c, want_h = self.numpy_forward(tokens, c0, h0)
+    carry = self.assert_matches_numpy_forward(1, 9, seed=2)
     self.assertEqual(carry.h_LxBxH.shape, (2, 1, 6))
-    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(carry.c_LxBxH, want_c, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(carry.h_LxBxH, want_h, rtol=1e-5, atol=1e-5)
 
   def test_the_carry_carries(self):
     rng = np.random.default_rng(1)
@@ -220,7 +215,6 @@ class TableInputTest(absltest.TestCase):
       for (path, g), e in zip(jax.tree_util.tree_leaves_with_path(got_grads),
                               jax.tree.leaves(want_grads)):
         assert_gradient_close(g, e, dtype, f"{jax.tree_util.keystr(path)} {dtype}")
-
 
   def test_a_projected_table_with_dropout_is_refused(self):
     model = model_lib.LanguageModel(vocab_size=9, hidden_size=8, num_layers=1, dropout=0.5,
