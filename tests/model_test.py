@@ -1,5 +1,6 @@
 """The LSTM against the paper's equations, computed another way."""
 
+import itertools
 from unittest import mock
 
 import jax
@@ -89,7 +90,10 @@ class ModelTest(absltest.TestCase):
     return carry
 
   def test_scan_matches_loop_over_time(self):
-    self.assert_matches_numpy_forward(self.batch, 7, seed=0)
+    # Both forms of the recurrent product: h @ W_hh, and h against W_hh^T (bfloat16 on CPUs).
+    for transposed in (False, True):
+      with mock.patch.object(model_lib, "_transposed_recurrent_product", return_value=transposed):
+        self.assert_matches_numpy_forward(self.batch, 7, seed=0)
 
   def test_batch_one_matches_loop_over_time(self):
     # Batch 1 (the test protocol) runs the recurrence on 1-D state vectors: check it separately.
@@ -163,12 +167,14 @@ class RecurrenceGradientTest(absltest.TestCase):
 
     want = jax.grad(scalar(plain), argnums=(0, 1, 2, 3))(xw, w, c0, h0)
     # Both places for the backward's per-step factors: the forward loop (CPUs), and a pass over
-    # the stored gates before the backward loop (GPUs).
-    for in_loop in (True, False):
-      with mock.patch.object(model_lib, "_factors_in_loop", return_value=in_loop):
+    # the stored gates before the backward loop (GPUs); both forms of the forward's product.
+    for in_loop, transposed in itertools.product((True, False), (False, True)):
+      with mock.patch.object(model_lib, "_factors_in_loop", return_value=in_loop), \
+           mock.patch.object(model_lib, "_transposed_recurrent_product", return_value=transposed):
         got = jax.grad(scalar(model_lib.lstm_recurrence), argnums=(0, 1, 2, 3))(xw, w, c0, h0)
       for name, g, e in zip(("xw", "w_hh", "c0", "h0"), got, want):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5, err_msg=f"{name}, {in_loop=}")
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{name}, {in_loop=}, {transposed=}")
     out, _ = model_lib.lstm_recurrence(xw, w, c0, h0)
     np.testing.assert_allclose(out, plain(xw, w, c0, h0)[0], rtol=1e-6, atol=1e-6)
 
