@@ -245,6 +245,10 @@ def bench_preset(name, args):
     rows[system.name] = {"compile_s": compile_s, "peak_bytes": peak, "train": [], "eval": [],
                          "test": []}
   steps = args.steps.get(name, args.default_steps)
+  if steps % systems[0].per_call:
+    print(f"note: {name}: {steps} steps is not a multiple of steps_per_call={systems[0].per_call}; "
+          "JAX runs the rest one step a call, which is slower than the training loop's calls",
+          file=sys.stderr, flush=True)
   for _ in range(args.repeats):
     for system in systems:  # alternate, so drift hits every system alike
       row = rows[system.name]
