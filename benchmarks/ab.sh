@@ -5,6 +5,9 @@
 # The trees are `git archive` snapshots (a device machine gets the working tree, not the history):
 #   mkdir -p .ab/acc4c8c && git archive acc4c8c | tar -x -C .ab/acc4c8c
 #   OUT=/tmp/ab PRESETS=small,char_small,large ARGS=--test_len=2048 bash benchmarks/ab.sh . .ab/acc4c8c
+# On this project's 2-core CPU, JAX runs with the persistent cache enabled came out ~7% slower than
+# without it (char_small bfloat16 training, two alternating rounds, 2026-11-27): compare the trees of
+# one ab.sh run with each other, not with benchmarks/throughput.py tables.
 # Needs python3 on PATH with requirements.txt installed. Prints training words/s per preset,
 # system, tree and pass; each run's table and JSON are in $OUT.
 set -u
