@@ -272,6 +272,21 @@ class WeightGradTest(absltest.TestCase):
         assert_gradient_close(g, e, dtype, f"{name} {dtype}")
 
 
+class RecurrentProductTest(absltest.TestCase):
+  """The forward loop's h @ W_hh in the form chosen for speed (the numbers: ModelTest)."""
+
+  def test_bfloat16_is_transposed_and_stays_bfloat16_on_cpu(self):
+    if jax.default_backend() != "cpu":
+      self.skipTest("the transposed form is the CPU's")
+    xw, w_hh, state = jnp.zeros((4, 3, 24)), jnp.zeros((6, 24)), jnp.zeros((3, 6))
+    hlo = jax.jit(model_lib.lstm_recurrence, static_argnums=4).lower(
+        xw, w_hh, state, state, jnp.bfloat16).compile().as_text()
+    dot_computation = [c for c in hlo.split("\n\n") if " dot(" in c]
+    self.assertLen(dot_computation, 1)
+    self.assertIn("bf16[24,6]", dot_computation[0])  # W_hh^T, still bfloat16
+    self.assertIn("rhs_contracting_dims={1}", dot_computation[0])
+
+
 class SoftmaxNLLTest(absltest.TestCase):
   """The fused softmax cross-entropy against optax on explicit logits."""
 
