@@ -165,16 +165,8 @@ def main():
           "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
           "torch": getattr(torch, "__version__", None)}
   print(json.dumps(info), flush=True)
-  rows = []
-  for name in args.presets.split(","):
-    rows.append(floor_row(name, args, torch))
-    print_table(rows[-1:])
-    sys.stdout.flush()
-    if args.json:
-      with open(args.json, "w") as f:
-        json.dump({"info": info, "rows": rows}, f, indent=1)
-  print()
-  print_table(rows)
+  throughput.run_presets(args.presets.split(","), lambda name: floor_row(name, args, torch),
+                         print_table, args.json, info, key="rows")
 
 
 if __name__ == "__main__":

@@ -309,16 +309,24 @@ def main():
   except ImportError:
     args.no_torch = True
   print(json.dumps(info), flush=True)
+  run_presets(args.presets.split(","), lambda name: bench_preset(name, args), print_table,
+              args.json, info)
+
+
+def run_presets(names, measure, table, json_path, info, key="results"):
+  """measure(name) for each preset, printing each one's table as it comes and writing the JSON
+  after every preset (so a run cut short keeps what it measured); then the whole table."""
   results = []
-  for name in args.presets.split(","):
-    results.append(bench_preset(name, args))
-    print_table(results[-1:])
+  for name in names:
+    results.append(measure(name))
+    table(results[-1:])
     sys.stdout.flush()
-    if args.json:  # after every preset, so a run cut short keeps what it measured
-      with open(args.json, "w") as f:
-        json.dump({"info": info, "results": results}, f, indent=1)
+    if json_path:
+      with open(json_path, "w") as f:
+        json.dump({"info": info, key: results}, f, indent=1)
   print()
-  print_table(results)
+  table(results)
+  return results
 
 
 if __name__ == "__main__":
