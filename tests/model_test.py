@@ -313,9 +313,11 @@ class SoftmaxNLLTest(absltest.TestCase):
   def test_matches_optax_in_value_and_gradient(self):
     self.enter_context(jax.default_matmul_precision("highest"))
     fused, plain = self._losses(jnp.float32)
-    np.testing.assert_allclose(fused(self.x, self.w, self.b), plain(self.x, self.w, self.b),
-                               rtol=1e-6)
-    got = jax.grad(fused, argnums=(0, 1, 2))(self.x, self.w, self.b)
+    want_value = plain(self.x, self.w, self.b)
+    # Outside a gradient (evaluation; on the CPU the bias is folded into the product) and inside.
+    np.testing.assert_allclose(fused(self.x, self.w, self.b), want_value, rtol=1e-6)
+    value, got = jax.value_and_grad(fused, argnums=(0, 1, 2))(self.x, self.w, self.b)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
     want = jax.grad(plain, argnums=(0, 1, 2))(self.x, self.w, self.b)
     for name, g, e in zip(("x", "w", "b"), got, want):
       np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6, err_msg=name)
