@@ -91,9 +91,10 @@ def matmul_rates(hidden, vocab, repeats, torch, rows=1024, square=2048):
 
 def measured_test_wps(name, config, vocab, args):
   """{system: median batch-1 words/s} for this package and the PyTorch reference, float32."""
-  systems = [throughput.JaxSystem(config, vocab, "float32", args.test_len)]
+  test_len = throughput.test_tokens(args.test_len, config.level)
+  systems = [throughput.JaxSystem(config, vocab, "float32", test_len)]
   if not args.no_torch:
-    systems.append(throughput.TorchSystem(config, vocab, False, args.test_len))
+    systems.append(throughput.TorchSystem(config, vocab, False, test_len))
   for system in systems:
     system.compile()
   wps = {system.name: [] for system in systems}
@@ -148,7 +149,8 @@ def print_table(rows, out=sys.stdout):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--presets", default="small,medium,large")
-  parser.add_argument("--test_len", type=int, default=2048, help="tokens in the batch-1 test")
+  parser.add_argument("--test_len", default="2048",
+                      help='tokens in the batch-1 test, or "full" (see throughput.py)')
   parser.add_argument("--repeats", type=int, default=5, help="batch-1 test runs per system")
   parser.add_argument("--rate_repeats", type=int, default=7, help="best of this many, per rate")
   parser.add_argument("--no_torch", action="store_true")
