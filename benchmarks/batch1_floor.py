@@ -89,7 +89,7 @@ def matmul_rates(hidden, vocab, repeats, torch, rows=1024, square=2048):
   return {k: v / 1e9 for k, v in rates.items()}
 
 
-def measured_test_wps(name, config, vocab, args):
+def measured_test_wps(config, vocab, args):
   """{system: median batch-1 words/s} for this package and the PyTorch reference, float32."""
   test_len = throughput.test_tokens(args.test_len, config.level)
   systems = [throughput.JaxSystem(config, vocab, "float32", test_len)]
@@ -101,7 +101,6 @@ def measured_test_wps(name, config, vocab, args):
   for _ in range(args.repeats):
     for system in systems:
       wps[system.name].append(system.test_words / throughput.timed(system.test))
-  del name
   return {k: statistics.median(v) for k, v in wps.items()}
 
 
@@ -120,7 +119,7 @@ def floor_row(name, args, torch):
          "read_gbs": reads, "mflop_per_token": mflop, "matmul_gflops": matmuls,
          "floor_us_per_token": floor_us, "floor_wps": 1e6 / floor_us,
          "read_best": read_how, "matmul_best": mm_how}
-  row["test_wps"] = measured_test_wps(name, config, vocab, args)
+  row["test_wps"] = measured_test_wps(config, vocab, args)
   return row
 
 
@@ -142,8 +141,8 @@ def print_table(rows, out=sys.stdout):
                 f"{torch_wps / floor:>11.2f}", f"{1.2 * torch_wps / floor:>16.2f}"]
     else:
       cells += [f"{'-':>9}", f"{'-':>9}", f"{jax_wps / floor:>9.2f}", f"{'-':>11}", f"{'-':>16}"]
-    print(f"{r['preset']:<11} {r['layers'] * r['w_hh_mb']:>8.1f} {read:>20} {r['mflop_per_token']:>6.1f}"
-          f" {mm:>20} {floor:>10.0f} " + " ".join(cells), file=out)
+    print(f"{r['preset']:<11} {r['layers'] * r['w_hh_mb']:>8.1f} {read:>20}"
+          f" {r['mflop_per_token']:>6.1f} {mm:>20} {floor:>10.0f} " + " ".join(cells), file=out)
 
 
 def main():

@@ -277,8 +277,7 @@ def softmax_nll(x_NxH, w_HxV, b_V, targets_N, dtype=jnp.float32):
   ones_Nx1 = jnp.ones((x_NxH.shape[0], 1), x_NxH.dtype)
   logits_NxV = _matmul(jnp.concatenate([x_NxH, ones_Nx1], axis=1),
                        jnp.concatenate([w_HxV, b_V[None]], axis=0), dtype)
-  target_logit_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], axis=-1)[:, 0]
-  return jax.nn.logsumexp(logits_NxV, axis=-1) - target_logit_N
+  return _nll_from_logits(logits_NxV, targets_N)[0]
 
 
 def _fold_output_bias(dtype):
@@ -288,13 +287,19 @@ def _fold_output_bias(dtype):
   return jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
 
 
-def _softmax_nll_fwd(x_NxH, w_HxV, b_V, targets_N, dtype):
-  logits_NxV = _matmul(x_NxH, w_HxV, dtype) + b_V
+def _nll_from_logits(logits_NxV, targets_N):
+  """(nll_N, lse_N): -log softmax(logits)[target] per row, and the rows' logsumexp."""
   lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
   target_logit_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], axis=-1)[:, 0]
+  return lse_N - target_logit_N, lse_N
+
+
+def _softmax_nll_fwd(x_NxH, w_HxV, b_V, targets_N, dtype):
+  logits_NxV = _matmul(x_NxH, w_HxV, dtype) + b_V
+  nll_N, lse_N = _nll_from_logits(logits_NxV, targets_N)
   onehot_NxV = jax.nn.one_hot(targets_N, logits_NxV.shape[-1], dtype=jnp.float32)
   dlogits_NxV = (jnp.exp(logits_NxV - lse_N[:, None]) - onehot_NxV).astype(dtype)
-  return lse_N - target_logit_N, (x_NxH, w_HxV, dlogits_NxV)
+  return nll_N, (x_NxH, w_HxV, dlogits_NxV)
 
 
 def _softmax_nll_bwd(dtype, residuals, g_N):
