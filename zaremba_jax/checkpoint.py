@@ -24,8 +24,43 @@ LATEST = "checkpoints"
 BEST = "best"
 
 
+# Flags that change a parameter's shape or the data a position refers to: fixed for a run.
+FIXED_ON_RESUME = ("level", "num_layers", "hidden_size", "batch_size", "num_steps")
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint could not be written or read. The message says what to do."""
+
+
+class ResumeError(ValueError):
+  """The checkpoint in the workdir does not fit the flags given. The message says what to do."""
+
+
+def check_vocab(vocab, saved_vocab, remedy: str) -> None:
+  """Refuses a corpus whose vocabulary is not the one the checkpoint was trained on."""
+  if list(saved_vocab) != list(vocab):
+    raise ResumeError(f"the corpus's vocabulary differs from the checkpoint's; pass the --data_dir"
+                      f" the run was trained on{remedy}")
+
+
+def check_resumable(saved: dict, config, vocab, saved_vocab, say) -> None:
+  """The resume policy: refuses flags that change shapes or data; logs the others that changed.
+
+  Args:
+    saved: the checkpoint's config, as a dict.
+    config: the Config of the run that resumes.
+    vocab, saved_vocab: the corpus's vocabulary and the checkpoint's.
+    say: where the changed flags are logged.
+  """
+  for name in FIXED_ON_RESUME:
+    if saved[name] != getattr(config, name):
+      raise ResumeError(f"--{name}={getattr(config, name)} differs from the checkpoint's"
+                        f" --{name}={saved[name]}; rerun with --{name}={saved[name]} to resume,"
+                        f" or add --restart to discard the checkpoints and start over")
+  check_vocab(vocab, saved_vocab, ", or add --restart to start over")
+  for name, value in config.to_dict().items():
+    if name in saved and saved[name] != value and name != "mode":
+      say(f"resuming with --{name} changed: {saved[name]} -> {value}")
 
 
 def abstract(tree):
@@ -50,6 +85,7 @@ class Checkpointer:
   """Two Orbax managers in `workdir`: `checkpoints/` (the last `keep`) and `best/` (one)."""
 
   def __init__(self, workdir: str, keep: int = 3):
+    self.name = workdir  # as given, for messages
     self.workdir = os.path.abspath(workdir)
     self.keep = keep
     self._managers = {}

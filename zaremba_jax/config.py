@@ -9,6 +9,7 @@ import dataclasses
 MODES = ("train", "evaluate", "query", "serve", "sample")
 LEVELS = ("word", "char")
 DTYPES = ("float32", "bfloat16")
+KERNELS = ("fast", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Config:
   checkpoint_every_steps: int = 1000  # save every this many steps (and at each epoch end)
   keep_checkpoints: int = 3      # recent checkpoints kept (the best is kept besides)
   steps_per_call: int = 10       # train steps per jitted call (a lax.scan over that many windows)
+  kernels: str = "fast"          # fast kernels, or the reference (the paper's cell under autodiff)
 
   def __post_init__(self):
     errors = []
@@ -51,6 +53,8 @@ class Config:
         errors.append(f"--{name}={value} must be at least 1")
     if self.dtype not in DTYPES:
       errors.append(f"--dtype={self.dtype!r} is unknown; use one of {', '.join(DTYPES)}")
+    if self.kernels not in KERNELS:
+      errors.append(f"--kernels={self.kernels!r} is unknown; use one of {', '.join(KERNELS)}")
     if not 0.0 <= self.dropout < 1.0:
       errors.append(f"--dropout={self.dropout} must be in [0, 1) (it is the probability of dropping)")
     for name in ("init_scale", "learning_rate", "max_grad_norm"):

@@ -1,4 +1,4 @@
-"""The training run: epochs of train steps, validation after each, the test pass at the end.
+"""The training run: resume or start, epochs of train steps, validation after each, the test pass.
 
 With a workdir, the run checkpoints as it goes (see `checkpoint.py`) and running the same
 command again continues from the newest checkpoint, bit-exactly.
@@ -10,18 +10,12 @@ import time
 import jax
 
 from zaremba_jax import checkpoint as checkpoint_lib
-from zaremba_jax import config as config_lib
 from zaremba_jax import data as data_lib
 from zaremba_jax import model as model_lib
 from zaremba_jax import reporting
 from zaremba_jax import train as train_lib
 
-# Flags that change a parameter's shape or the data a position refers to: fixed for a run.
-FIXED_ON_RESUME = ("level", "num_layers", "hidden_size", "batch_size", "num_steps")
-
-
-class ResumeError(ValueError):
-  """The checkpoint in the workdir does not fit the flags given. The message says what to do."""
+ResumeError = checkpoint_lib.ResumeError  # the resume policy lives beside the checkpoints
 
 
 @dataclasses.dataclass
@@ -39,21 +33,53 @@ class Progress:
   train_words: int = 0
   minutes: float = 0.0
 
+  def start_epoch(self) -> None:
+    self.epoch_nll, self.epoch_count = 0.0, 0
+
+  def add_nll(self, nll_sums, tokens_per_step: int) -> None:
+    # One float at a time, so the sum does not depend on where a checkpoint fell.
+    for nll_sum in nll_sums:
+      self.epoch_nll += float(nll_sum)
+      self.epoch_count += tokens_per_step
+
+  def add_time(self, seconds: float, words: int) -> None:
+    self.train_seconds += seconds
+    self.train_words += words
+
+  def words_per_sec(self) -> float:
+    return self.train_words / self.train_seconds if self.train_seconds else 0.0
+
+  def validated(self, perplexity: float, step: int) -> bool:
+    """Records a validation result; whether it is the best so far."""
+    self.last_valid, self.last_valid_step = perplexity, step
+    improved = perplexity < self.best_valid
+    self.best_valid = min(self.best_valid, perplexity)
+    return improved
+
+  def next_epoch(self) -> None:
+    self.epoch += 1
+    self.window = 0
+
 
 class Evaluator:
-  """Validation (training batch and window) and the paper's batch-1 test, each jitted once."""
+  """Validation (training batch and window) and the paper's batch-1 test, each jitted once.
+
+  Each split's model is planned for its stream (`model_lib.planned_for`).
+  """
 
   def __init__(self, config, corpus: data_lib.Corpus, model):
-    self.config = config
     self.windows = {
         "valid": data_lib.eval_windows(data_lib.batchify(corpus.valid, config.batch_size),
                                        config.num_steps),
         "test": data_lib.eval_windows(data_lib.batchify(corpus.test, 1), config.test_chunk),
     }
-    self.evaluate = train_lib.jit_evaluate(model)
+    self.evaluate = {}
+    for split, (inputs_NxBxT, _, _) in self.windows.items():
+      planned = model_lib.planned_for(model, inputs_NxBxT.shape[1], inputs_NxBxT.size)
+      self.evaluate[split] = train_lib.jit_evaluate(planned)
 
   def __call__(self, params, split: str) -> dict:
-    nll_sum, count = self.evaluate(params, *self.windows[split])
+    nll_sum, count = self.evaluate[split](params, *self.windows[split])
     return {"nll_sum": float(nll_sum), "count": float(count)}
 
 
@@ -70,6 +96,8 @@ class Run:
                        f" --batch_size={config.batch_size}")
     self.model = model_lib.make_model(config, corpus.vocab_size)
     self.tx = train_lib.make_optimizer(config, self.steps_per_epoch)
+    self.log_every = max(1, self.steps_per_epoch // config.log_per_epoch)
+    self.words_per_step = config.batch_size * config.num_steps
 
   def initial_state(self) -> train_lib.TrainState:
     return train_lib.create_train_state(self.config, self.model, self.tx,
@@ -82,29 +110,167 @@ class Run:
     c = self.config
     return model_lib.zero_state(c.num_layers, c.batch_size, c.hidden_size)
 
+  def learning_rate(self, epoch: int) -> float:
+    c = self.config
+    return train_lib.learning_rate_for_epoch(epoch, c.learning_rate, c.max_epoch, c.lr_decay)
+
+  def meta(self, progress: Progress, records: list) -> dict:
+    """What a checkpoint holds beside the TrainState."""
+    return {"config": self.config.to_dict(), "vocab": list(self.corpus.vocab),
+            "progress": dataclasses.asdict(progress), "metrics": records}
+
 
 def load_corpus(config, data_dir):
   return data_lib.load_corpus(data_lib.resolve_data_dir(data_dir), config.level)
 
 
-def check_vocab(vocab, saved_vocab, remedy: str) -> None:
-  """Refuses a corpus whose vocabulary is not the one the checkpoint was trained on."""
-  if list(saved_vocab) != list(vocab):
-    raise ResumeError(f"the corpus's vocabulary differs from the checkpoint's; pass the --data_dir"
-                      f" the run was trained on{remedy}")
+def start_or_resume(run: Run, ckpt, reporter, restart: bool):
+  """(state, progress): the newest readable checkpoint's, or a fresh start.
+
+  With `restart`, the workdir's checkpoints and metrics are discarded first.
+  """
+  config, corpus = run.config, run.corpus
+  if ckpt and restart:
+    gone = ckpt.discard()
+    reporter.restore([])
+    reporter.say(f"--restart: discarded {'; '.join(gone) if gone else 'no checkpoints'} and the"
+                 f" metrics in {ckpt.name}")
+  elif ckpt and ckpt.steps():
+    check = lambda meta: checkpoint_lib.check_resumable(meta["config"], config, corpus.vocab,
+                                                        meta["vocab"], reporter.say)
+    restored = ckpt.restore(run.abstract_state(), check=check, say=reporter.say)
+    if restored:
+      state, meta, saved_step = restored
+      progress = Progress(**meta["progress"])
+      reporter.restore(meta["metrics"])
+      reporter.start = time.time() - 60 * progress.minutes
+      reporter.say(f"resuming from {ckpt.name}/checkpoints/{saved_step}: epoch"
+                   f" {progress.epoch}, window {progress.window} of {run.steps_per_epoch}")
+      return state, progress
+  return run.initial_state(), Progress()
 
 
-def check_resumable(saved: dict, config, vocab, saved_vocab, say) -> None:
-  """Refuses flags that change shapes or data; logs the others that changed."""
-  for name in FIXED_ON_RESUME:
-    if saved[name] != getattr(config, name):
-      raise ResumeError(f"--{name}={getattr(config, name)} differs from the checkpoint's"
-                        f" --{name}={saved[name]}; rerun with --{name}={saved[name]} to resume,"
-                        f" or add --restart to discard the checkpoints and start over")
-  check_vocab(vocab, saved_vocab, ", or add --restart to start over")
-  for name, value in config.to_dict().items():
-    if name in saved and saved[name] != value and name != "mode":
-      say(f"resuming with --{name} changed: {saved[name]} -> {value}")
+class Training:
+  """A run in progress: the TrainState, its Progress, and when to log, save and stop."""
+
+  def __init__(self, run: Run, state, progress: Progress, ckpt, reporter):
+    self.run, self.config = run, run.config
+    self.state, self.progress = state, progress
+    self.ckpt, self.reporter = ckpt, reporter
+    self.train_steps = train_lib.jit_train_steps(run.model, run.tx)
+    self.evaluator = Evaluator(run.config, run.corpus, run.model)
+    self.step = int(state.step)  # a host copy: reading state.step would wait for the device
+
+  def capped(self) -> bool:
+    return bool(self.config.max_train_steps and self.step >= self.config.max_train_steps)
+
+  def steps_this_call(self) -> int:
+    """config.steps_per_call windows in one call, or 1 where the host must act sooner (a
+    progress line, a checkpoint, the epoch's end, the step cap): two compiled shapes in all."""
+    c, run, window = self.config, self.run, self.progress.window
+    room = [run.steps_per_epoch - window, run.log_every - window % run.log_every]
+    if self.ckpt:
+      room.append(c.checkpoint_every_steps - self.step % c.checkpoint_every_steps)
+    if c.max_train_steps:
+      room.append(c.max_train_steps - self.step)
+    return c.steps_per_call if c.steps_per_call <= min(room) else 1
+
+  def save(self, best: bool = False) -> None:
+    if self.ckpt:
+      self.progress.minutes = self.reporter.minutes()
+      self.ckpt.save(self.step, self.state, self.run.meta(self.progress, self.reporter.records),
+                     best=best)
+
+  def evaluate(self, split: str, epoch: int, learning_rate: float) -> float:
+    return self.reporter.eval_result(step=self.step, epoch=epoch, split=split,
+                                     learning_rate=learning_rate,
+                                     **self.evaluator(self.state.params, split))
+
+  def train_epoch(self, stop_requested) -> str | None:
+    """Trains the rest of the current epoch (or up to the step cap), logging and checkpointing.
+
+    Returns:
+      The reason the run was asked to stop (after saving), or None.
+    """
+    progress, run = self.progress, self.run
+    lr = run.learning_rate(progress.epoch)
+    if progress.window == 0:
+      self.state = self.state.replace(carry=run.zero_carry())
+      progress.start_epoch()
+    pending = []  # per-call metrics, still on the device
+    tic, words_since = time.time(), 0
+    while progress.window < run.steps_per_epoch:
+      count = self.steps_this_call()
+      inputs_KxBxT, targets_KxBxT = data_lib.train_windows(run.rows_BxL, progress.window,
+                                                           count, self.config.num_steps)
+      self.state, metrics = self.train_steps(self.state, inputs_KxBxT, targets_KxBxT)
+      pending.append(metrics)
+      progress.window += count
+      words_since += count * run.words_per_step
+      self.step += count
+      at_end = progress.window == run.steps_per_epoch
+      # A line every log_every windows, and one at the epoch's end (not one just before it).
+      near_end = run.steps_per_epoch - progress.window < run.log_every // 2
+      if (progress.window % run.log_every == 0 and not near_end) or at_end or self.capped():
+        last = self._flush(pending)
+        seconds = time.time() - tic
+        progress.add_time(seconds, words_since)
+        self.reporter.train_progress(
+            step=self.step, epoch=progress.epoch, fraction=progress.window / run.steps_per_epoch,
+            nll_sum=progress.epoch_nll, count=progress.epoch_count,
+            words_per_sec=words_since / seconds, learning_rate=lr,
+            grad_norm=float(last["grad_norm"]))
+        tic, words_since = time.time(), 0
+      reason = stop_requested(self.step)
+      if reason or self.capped() or (self.ckpt and not at_end and
+                                     self.step % self.config.checkpoint_every_steps == 0):
+        self._flush(pending)
+        self.save()
+      if reason:
+        return reason
+      if self.capped():
+        return None
+    return None
+
+  def _flush(self, pending: list) -> dict | None:
+    """Adds the pending metrics' NLL to the epoch's; returns the last step's metrics."""
+    last = None
+    for metrics in jax.device_get(pending):
+      self.progress.add_nll(metrics["nll_sum"], self.run.words_per_step)
+      last = {name: values[-1] for name, values in metrics.items()}
+    pending.clear()
+    return last
+
+  def end_epoch(self) -> None:
+    """Validates, moves to the next epoch, and checkpoints (as the best, if it is)."""
+    progress = self.progress
+    ppl = self.evaluate("valid", progress.epoch, self.run.learning_rate(progress.epoch))
+    improved = progress.validated(ppl, self.step)
+    progress.next_epoch()
+    self.save(best=improved)
+
+  def stopped(self, reason: str) -> None:
+    if self.ckpt:
+      self.ckpt.wait()
+      self.reporter.say(f"{reason}: saved step {self.step} in {self.ckpt.name}; run the same command"
+                        f" again to resume")
+    else:
+      self.reporter.say(f"{reason}: stopped at step {self.step} (no --workdir, nothing saved)")
+
+  def final_evaluation(self) -> tuple[float, float]:
+    """(valid, test) perplexities of the final state; the test pass is the paper's batch 1."""
+    progress = self.progress
+    final_epoch = min(progress.epoch, self.config.max_max_epoch)
+    valid_ppl = progress.last_valid
+    if progress.last_valid_step != self.step:
+      # Stopped inside an epoch: validate the final state (logged, but not checkpointed, so a
+      # continuation's metrics stay those of an uninterrupted run).
+      valid_ppl = self.evaluate("valid", final_epoch, self.run.learning_rate(final_epoch))
+      if self.ckpt and (valid_ppl < progress.best_valid or
+                        not self.ckpt.steps(checkpoint_lib.BEST)):
+        self.save(best=True)
+    test_ppl = self.evaluate("test", final_epoch, float("nan"))
+    return valid_ppl, test_ppl
 
 
 def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
@@ -127,159 +293,35 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
   """
   reporter = reporter or reporting.Reporter(workdir)
   reporter.level = config.level
-  corpus = load_corpus(config, data_dir)
-  run = Run(config, corpus)
+  run = Run(config, load_corpus(config, data_dir))
   ckpt = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints) if workdir else None
-  progress = Progress()
-  state = None
-  if ckpt and restart:
-    gone = ckpt.discard()
-    reporter.restore([])
-    reporter.say(f"--restart: discarded {'; '.join(gone) if gone else 'no checkpoints'} and the"
-                 f" metrics in {workdir}")
-  elif ckpt and ckpt.steps():
-    check = lambda meta: check_resumable(meta["config"], config, corpus.vocab, meta["vocab"],
-                                         reporter.say)
-    restored = ckpt.restore(run.abstract_state(), check=check, say=reporter.say)
-    if restored:
-      state, meta, saved_step = restored
-      progress = Progress(**meta["progress"])
-      reporter.restore(meta["metrics"])
-      reporter.start = time.time() - 60 * progress.minutes
-      reporter.say(f"resuming from {workdir}/checkpoints/{saved_step}: epoch {progress.epoch},"
-                   f" window {progress.window} of {run.steps_per_epoch}")
-  if state is None:
-    state = run.initial_state()
-  n_params = sum(p.size for p in jax.tree.leaves(state.params))
-  reporter.say(f"{config.level}-level PTB: vocabulary {corpus.vocab_size}, train/valid/test tokens"
-               f" {len(corpus.train)}/{len(corpus.valid)}/{len(corpus.test)}; {n_params:,}"
-               f" parameters; {run.steps_per_epoch} steps an epoch on"
-               f" {jax.devices()[0].platform}")
-
-  train_steps = train_lib.jit_train_steps(run.model, run.tx)
-  evaluator = Evaluator(config, corpus, run.model)
-  log_every = max(1, run.steps_per_epoch // config.log_per_epoch)
-  words_per_step = config.batch_size * config.num_steps
-  step = int(state.step)  # a host copy: reading state.step would wait for the device each step
-  capped = lambda: config.max_train_steps and step >= config.max_train_steps
-
-  def steps_this_call():
-    """config.steps_per_call windows in one call, or 1 where the host must act sooner (a
-    progress line, a checkpoint, the epoch's end, the step cap): two compiled shapes in all."""
-    room = [run.steps_per_epoch - progress.window, log_every - progress.window % log_every]
-    if ckpt:
-      room.append(config.checkpoint_every_steps - step % config.checkpoint_every_steps)
-    if config.max_train_steps:
-      room.append(config.max_train_steps - step)
-    return config.steps_per_call if config.steps_per_call <= min(room) else 1
-
-  def lr_for(epoch):
-    return train_lib.learning_rate_for_epoch(epoch, config.learning_rate, config.max_epoch,
-                                             config.lr_decay)
-
-  def save(best=False):
-    if ckpt:
-      progress.minutes = reporter.minutes()
-      meta = {"config": config.to_dict(), "vocab": list(corpus.vocab),
-              "progress": dataclasses.asdict(progress), "metrics": reporter.records}
-      ckpt.save(step, state, meta, best=best)
-
-  def validate():
-    ppl = reporter.eval_result(step=step, epoch=progress.epoch, split="valid",
-                               learning_rate=lr_for(progress.epoch),
-                               **evaluator(state.params, "valid"))
-    progress.last_valid, progress.last_valid_step = ppl, step
-    improved = ppl < progress.best_valid
-    progress.best_valid = min(progress.best_valid, ppl)
-    return improved
-
   try:
-    while progress.epoch <= config.max_max_epoch and not capped():
-      lr = lr_for(progress.epoch)
-      if progress.window == 0:
-        state = state.replace(carry=run.zero_carry())
-        progress.epoch_nll, progress.epoch_count = 0.0, 0
-      pending = []
-      tic, words_since = time.time(), 0
-
-      def flush():
-        # One float at a time, so the sum does not depend on where a checkpoint fell.
-        last = None
-        for m in jax.device_get(pending):
-          for nll_sum in m["nll_sum"]:
-            progress.epoch_nll += float(nll_sum)
-            progress.epoch_count += words_per_step
-          last = {name: values[-1] for name, values in m.items()}
-        pending.clear()
-        return last
-
-      while progress.window < run.steps_per_epoch:
-        count = steps_this_call()
-        inputs_KxBxT, targets_KxBxT = data_lib.train_windows(run.rows_BxL, progress.window,
-                                                             count, config.num_steps)
-        state, metrics = train_steps(state, inputs_KxBxT, targets_KxBxT)
-        pending.append(metrics)
-        progress.window += count
-        words_since += count * words_per_step
-        step += count
-        at_end = progress.window == run.steps_per_epoch
-        # A line every log_every windows, and one at the epoch's end (not one just before it).
-        near_end = run.steps_per_epoch - progress.window < log_every // 2
-        if (progress.window % log_every == 0 and not near_end) or at_end or capped():
-          last = flush()
-          seconds = time.time() - tic
-          progress.train_seconds += seconds
-          progress.train_words += words_since
-          reporter.train_progress(step=step, epoch=progress.epoch,
-                                  fraction=progress.window / run.steps_per_epoch,
-                                  nll_sum=progress.epoch_nll, count=progress.epoch_count,
-                                  words_per_sec=words_since / seconds, learning_rate=lr,
-                                  grad_norm=float(last["grad_norm"]))
-          tic, words_since = time.time(), 0
-        reason = stop_requested(step)
-        if reason or capped() or (ckpt and step % config.checkpoint_every_steps == 0
-                                  and not at_end):
-          flush()
-          save()
-        if reason:
-          if ckpt:
-            ckpt.wait()
-            reporter.say(f"{reason}: saved step {step} in {workdir}; run the same command again"
-                         f" to resume")
-          else:
-            reporter.say(f"{reason}: stopped at step {step} (no --workdir, nothing saved)")
-          return None
-        if capped():
-          break
+    state, progress = start_or_resume(run, ckpt, reporter, restart)
+    training = Training(run, state, progress, ckpt, reporter)
+    corpus = run.corpus
+    n_params = sum(p.size for p in jax.tree.leaves(state.params))
+    reporter.say(f"{config.level}-level PTB: vocabulary {corpus.vocab_size}, train/valid/test"
+                 f" tokens {len(corpus.train)}/{len(corpus.valid)}/{len(corpus.test)};"
+                 f" {n_params:,} parameters; {run.steps_per_epoch} steps an epoch on"
+                 f" {jax.devices()[0].platform}")
+    while progress.epoch <= config.max_max_epoch and not training.capped():
+      reason = training.train_epoch(stop_requested)
+      if reason:
+        training.stopped(reason)
+        return None
       if progress.window == run.steps_per_epoch:
-        improved = validate()
-        progress.epoch += 1
-        progress.window = 0
-        save(best=improved)
-    if capped():
+        training.end_epoch()
+    if training.capped():
       reporter.say(f"stopping after --max_train_steps={config.max_train_steps}")
-    final_epoch = min(progress.epoch, config.max_max_epoch)
-    valid_ppl = progress.last_valid
-    if progress.last_valid_step != step:
-      # Stopped inside an epoch: validate the final state (logged, but not checkpointed, so a
-      # continuation's metrics stay those of an uninterrupted run).
-      valid_ppl = reporter.eval_result(step=step, epoch=final_epoch, split="valid",
-                                       learning_rate=lr_for(final_epoch),
-                                       **evaluator(state.params, "valid"))
-      if ckpt and (valid_ppl < progress.best_valid or not ckpt.steps(checkpoint_lib.BEST)):
-        save(best=True)
-    test_ppl = reporter.eval_result(step=step, epoch=final_epoch, split="test",
-                                    learning_rate=float("nan"), **evaluator(state.params, "test"))
+    valid_ppl, test_ppl = training.final_evaluation()
   finally:
     if ckpt:
       ckpt.close()
-  words_per_sec = progress.train_words / progress.train_seconds if progress.train_seconds else 0.0
-  minutes = reporter.minutes()
-  name = reporter.headline_name()
+  minutes, name = reporter.minutes(), reporter.headline_name()
   reporter.say(f"summary: valid {name} {valid_ppl:.2f}  test {name} {test_ppl:.2f}  wall time"
-               f" {minutes:.1f} min  train {config.level}s/s {words_per_sec:.0f}")
+               f" {minutes:.1f} min  train {config.level}s/s {progress.words_per_sec():.0f}")
   return {"valid": valid_ppl, "test": test_ppl, "minutes": minutes,
-          "words_per_sec": words_per_sec, "state": state}
+          "words_per_sec": progress.words_per_sec(), "state": training.state}
 
 
 def evaluate_checkpoint(workdir: str, data_dir: str | None, step: int | None = None,
@@ -293,7 +335,7 @@ def evaluate_checkpoint(workdir: str, data_dir: str | None, step: int | None = N
   config = trained.config
   reporter.level = config.level
   corpus = load_corpus(config, data_dir)
-  check_vocab(corpus.vocab, trained.vocab, "")
+  checkpoint_lib.check_vocab(corpus.vocab, trained.vocab, "")
   reporter.say(f"evaluating {trained.path}")
   evaluator = Evaluator(config, corpus, trained.model)
   result = {"step": trained.step}

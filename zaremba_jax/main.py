@@ -42,6 +42,9 @@ flags.DEFINE_integer("max_train_steps", _DEFAULTS.max_train_steps, "Stop after t
                      " (0: no cap); for smoke runs.", lower_bound=0)
 flags.DEFINE_enum("dtype", _DEFAULTS.dtype, config_lib.DTYPES, "Matmul input type; bfloat16 is"
                   " faster where the hardware has it (parameters and state stay float32).")
+flags.DEFINE_enum("kernels", _DEFAULTS.kernels, config_lib.KERNELS, "fast: the tuned kernels;"
+                  " reference: the paper's equations under autodiff (same numbers within float"
+                  " tolerance, slower).")
 flags.DEFINE_integer("checkpoint_every_steps", _DEFAULTS.checkpoint_every_steps,
                      "Checkpoint every this many steps (and at each epoch end).", lower_bound=1)
 flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints, "Recent checkpoints to keep"

@@ -24,7 +24,7 @@ class Predictor:
     self.trained = trained
     self.vocab = list(trained.vocab)
     self.index = {token: i for i, token in enumerate(self.vocab)}
-    model = trained.model
+    model = model_lib.planned_for(trained.model, batch_size=1, stream_tokens=1)
     self._feed = jax.jit(functools.partial(_feed, model=model))
     self.zero = model_lib.zero_state(model.num_layers, 1, model.hidden_size)
 

@@ -115,13 +115,12 @@ def evaluate(params, inputs_NxBxT, targets_NxBxT, mask_NxBxT, *, model):
 
   With batch 1 and the whole stream this is the paper's test protocol: the state runs token by
   token from the first token to the last. One scan over all windows, so one dispatch in all.
+  `model` is planned for this stream (`model_lib.planned_for`).
   """
-  num_layers = model.num_layers
-  carry = model_lib.zero_state(num_layers, inputs_NxBxT.shape[1], model.hidden_size)
-  # A stream longer than the vocabulary: the first layer's input projection of every vocabulary
-  # row, made once for all windows, is cheaper than projecting every token.
-  xw_table_Vx4H = (model_lib.first_layer_table(params, model.dtype)
-                   if model.vocab_size < inputs_NxBxT.size else None)
+  carry = model_lib.zero_state(model.num_layers, inputs_NxBxT.shape[1], model.hidden_size)
+  # The first layer's input projection of every vocabulary row, made once for all windows.
+  xw_table_Vx4H = (model_lib.first_layer_table(params, model.plan)
+                   if model.plan.first_layer_per_vocab_row else None)
 
   def body(carry, window):
     inputs_BxT, targets_BxT, mask_BxT = window

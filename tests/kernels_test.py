@@ -1,0 +1,342 @@
+"""Every fast kernel against the reference kernels (the paper's equations under autodiff).
+
+Values and gradients, float32 and bfloat16, for every form a plan can choose. The plans are
+built here by hand, so each form is tested on any machine, whatever `resolve` would pick.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from zaremba_jax import kernels
+from zaremba_jax import model as model_lib
+from zaremba_jax import train as train_lib
+from zaremba_jax.kernels import matmul
+from zaremba_jax.kernels import plan as plan_lib
+from zaremba_jax.kernels import recurrence
+from zaremba_jax.kernels import reference
+from zaremba_jax.kernels import softmax
+from tests import helpers
+
+REFERENCE = kernels.Plan(kernels="reference")
+
+
+def reference_plan(dtype):
+  return kernels.Plan(kernels="reference", dtype=dtype)
+
+
+def assert_close(got, want, dtype, err_msg):
+  """Two computations of one quantity agree: to 1e-5 in float32, 2e-2 with bfloat16 matmul
+  inputs, relative to each element and to the largest entry."""
+  tol = 1e-5 if dtype == "float32" else 2e-2
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(jnp.abs(want).max()),
+                             err_msg=err_msg)
+
+
+def recurrence_plans(dtype):
+  """Every combination of the recurrence's forms."""
+  for in_loop, transposed, vector in itertools.product((True, False), repeat=3):
+    yield kernels.Plan(dtype=dtype, factors_in_forward_loop=in_loop,
+                       recurrent_product_transposed=transposed, batch1_as_vector=vector,
+                       weight_grads_via_gather=transposed)
+
+
+class RecurrenceTest(parameterized.TestCase):
+  """The hand-written backward pass and the forward's forms against autodiff of the cell."""
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(jax.default_matmul_precision("highest"))
+
+  def inputs(self, batch):
+    rng = np.random.default_rng(batch)
+    t, h = 6, 5
+    arrays = dict(xw=(t, batch, 4 * h), w=(h, 4 * h), c0=(batch, h), h0=(batch, h),
+                  probe_out=(t, batch, h), probe_c=(batch, h), probe_h=(batch, h))
+    return {name: jnp.asarray(rng.normal(size=shape) * (0.5 if name == "w" else 1.0),
+                              jnp.float32) for name, shape in arrays.items()}
+
+  @parameterized.product(dtype=("float32", "bfloat16"), batch=(1, 3))
+  def test_fast_matches_reference(self, dtype, batch):
+    a = self.inputs(batch)
+
+    def scalar(fn, plan):
+      def f(xw, w, c, h):
+        out, (c, h) = fn(xw, w, c, h, plan)
+        return (out * a["probe_out"]).sum() + (c * a["probe_c"]).sum() + (h * a["probe_h"]).sum()
+      return f
+
+    args = (a["xw"], a["w"], a["c0"], a["h0"])
+    want_value, want = jax.value_and_grad(
+        scalar(reference.lstm_recurrence, reference_plan(dtype)), argnums=(0, 1, 2, 3))(*args)
+    want_out = reference.lstm_recurrence(*args, reference_plan(dtype))
+    for plan in recurrence_plans(dtype):
+      msg = f"{plan}"
+      out = recurrence.lstm_recurrence(*args, plan)  # outside a gradient: the primal's forms
+      for g, e in zip(jax.tree.leaves(out), jax.tree.leaves(want_out)):
+        assert_close(g, e, dtype, msg)
+      value, got = jax.value_and_grad(scalar(recurrence.lstm_recurrence, plan),
+                                      argnums=(0, 1, 2, 3))(*args)
+      assert_close(value, want_value, dtype, msg)
+      for name, g, e in zip(("xw", "w_hh", "c0", "h0"), got, want):
+        assert_close(g, e, dtype, f"{name} {msg}")
+
+  def test_reference_is_the_papers_cell(self):
+    """The reference against the equations written out in numpy, one step at a time."""
+    a = self.inputs(3)
+    xw, w = np.asarray(a["xw"], np.float64), np.asarray(a["w"], np.float64)
+    c, h = np.asarray(a["c0"], np.float64), np.asarray(a["h0"], np.float64)
+    sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))
+    outs = []
+    for t in range(xw.shape[0]):
+      i, f, o, g = np.split(xw[t] + h @ w, 4, axis=-1)
+      c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+      h = sigmoid(o) * np.tanh(c)
+      outs.append(h)
+    out, (c_got, h_got) = reference.lstm_recurrence(a["xw"], a["w"], a["c0"], a["h0"], REFERENCE)
+    np.testing.assert_allclose(out, np.stack(outs), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c_got, c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h_got, h, rtol=1e-5, atol=1e-6)
+
+
+class SoftmaxNLLTest(parameterized.TestCase):
+  """The fused softmax cross-entropy against the reference (log_softmax) and optax."""
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(jax.default_matmul_precision("highest"))
+    rng = np.random.default_rng(1)
+    n, h, v = 12, 8, 30
+    self.x = jnp.asarray(rng.normal(size=(n, h)), jnp.float32)
+    self.w = jnp.asarray(rng.uniform(-0.5, 0.5, size=(h, v)), jnp.float32)
+    self.b = jnp.asarray(rng.uniform(-0.5, 0.5, size=(v,)), jnp.float32)
+    self.targets = jnp.asarray(rng.integers(0, v, size=(n,)), jnp.int32)
+    self.probe = jnp.asarray(rng.normal(size=(n,)), jnp.float32)  # unequal weights per row
+
+  def loss(self, fn, plan):
+    return lambda x, w, b: (fn(x, w, b, self.targets, plan) * self.probe).sum()
+
+  @parameterized.product(dtype=("float32", "bfloat16"), fold=(False, True),
+                         gather=(False, True))
+  def test_fast_matches_reference(self, dtype, fold, gather):
+    plan = kernels.Plan(dtype=dtype, fold_output_bias=fold, weight_grads_via_gather=gather)
+    args = (self.x, self.w, self.b)
+    want_value, want = jax.value_and_grad(self.loss(reference.softmax_nll, reference_plan(dtype)),
+                                          argnums=(0, 1, 2))(*args)
+    # Outside a gradient (evaluation, where the bias may be folded into the product) and inside.
+    assert_close(self.loss(softmax.softmax_nll, plan)(*args), want_value, dtype, "value")
+    value, got = jax.value_and_grad(self.loss(softmax.softmax_nll, plan), argnums=(0, 1, 2))(*args)
+    assert_close(value, want_value, dtype, "value in a gradient")
+    for name, g, e in zip(("x", "w", "b"), got, want):
+      assert_close(g, e, dtype, name)
+
+  def test_reference_matches_optax(self):
+    logits = jnp.dot(self.x, self.w, precision="highest") + self.b
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, self.targets)
+    np.testing.assert_allclose(reference.softmax_nll(self.x, self.w, self.b, self.targets,
+                                                     REFERENCE), want, rtol=1e-6)
+
+  def test_bfloat16_really_rounds(self):
+    fused = self.loss(softmax.softmax_nll, kernels.Plan(dtype="bfloat16"))
+    plain = self.loss(softmax.softmax_nll, kernels.Plan())
+    got = jax.grad(fused, argnums=1)(self.x, self.w, self.b)
+    want = jax.grad(plain, argnums=1)(self.x, self.w, self.b)
+    self.assertGreater(float(jnp.abs(got - want).max()), 0)
+
+
+class MatmulTest(parameterized.TestCase):
+  """The projections and x^T dy through a materialised transpose."""
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(jax.default_matmul_precision("highest"))
+    rng = np.random.default_rng(3)
+    self.x = jnp.asarray(rng.normal(size=(37, 11)), jnp.float32)
+    self.dy = jnp.asarray(rng.normal(size=(37, 23)), jnp.float32)
+
+  def test_transpose_by_gather_is_the_transpose(self):
+    np.testing.assert_array_equal(matmul.transpose_by_gather(self.x), self.x.T)
+
+  @parameterized.parameters("float32", "bfloat16")
+  def test_weight_grad_forms_agree(self, dtype):
+    got = matmul.weight_grad(self.x, self.dy, kernels.Plan(dtype=dtype,
+                                                           weight_grads_via_gather=True))
+    want = matmul.weight_grad(self.x, self.dy, kernels.Plan(dtype=dtype))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  @parameterized.product(dtype=("float32", "bfloat16"), gather=(False, True))
+  def test_input_projection_matches_reference(self, dtype, gather):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(5, 3, 11)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(11, 8)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(8,)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(5, 3, 8)), jnp.float32)
+    plan = kernels.Plan(dtype=dtype, weight_grads_via_gather=gather)
+    loss = lambda fn, p: lambda x, w, b: (fn(x, w, b, p) * probe).sum()
+    got = jax.value_and_grad(loss(matmul.input_projection, plan), argnums=(0, 1, 2))(x, w, b)
+    want = jax.value_and_grad(loss(reference.input_projection, reference_plan(dtype)),
+                              argnums=(0, 1, 2))(x, w, b)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      assert_close(g, e, dtype, f"{plan}")
+
+  def test_bfloat16_weight_grad_stays_bfloat16_on_cpu(self):
+    if jax.default_backend() != "cpu":
+      self.skipTest("the float32 fallback this guards against is XLA CPU's")
+    plan = kernels.Plan(dtype="bfloat16", weight_grads_via_gather=True)
+    hlo = jax.jit(lambda x, dy: matmul.weight_grad(x, dy, plan)).lower(
+        self.x, self.dy).compile().as_text()
+    dot_computation = [c for c in hlo.split("\n\n") if " dot(" in c]
+    self.assertLen(dot_computation, 1)
+    self.assertIn("bf16[11,37]", dot_computation[0])  # the transposed x, still bfloat16
+
+  def test_bfloat16_recurrent_product_is_transposed_on_cpu(self):
+    if jax.default_backend() != "cpu":
+      self.skipTest("the transposed form is the CPU's")
+    plan = kernels.Plan(dtype="bfloat16", recurrent_product_transposed=True)
+    xw, w_hh, state = jnp.zeros((4, 3, 24)), jnp.zeros((6, 24)), jnp.zeros((3, 6))
+    hlo = jax.jit(lambda *a: recurrence.lstm_recurrence(*a, plan)).lower(
+        xw, w_hh, state, state).compile().as_text()
+    dot_computation = [c for c in hlo.split("\n\n") if " dot(" in c]
+    self.assertLen(dot_computation, 1)
+    self.assertIn("bf16[24,6]", dot_computation[0])  # W_hh^T, still bfloat16
+    self.assertIn("rhs_contracting_dims={1}", dot_computation[0])
+
+
+class PlanTest(parameterized.TestCase):
+  """`resolve`: each choice on exactly where it was measured to pay."""
+
+  def test_cpu_float32_training_window(self):
+    plan = plan_lib.resolve(dtype="float32", batch_size=20, vocab_size=10000,
+                            stream_tokens=400, backend="cpu")
+    self.assertEqual(plan, kernels.Plan(factors_in_forward_loop=True, fold_output_bias=True))
+
+  def test_cpu_bfloat16_char_window(self):
+    plan = plan_lib.resolve(dtype="bfloat16", batch_size=100, vocab_size=50,
+                            stream_tokens=5000, backend="cpu")
+    self.assertEqual(plan, kernels.Plan(dtype="bfloat16", first_layer_per_vocab_row=True,
+                                        recurrent_product_transposed=True,
+                                        weight_grads_via_gather=True,
+                                        factors_in_forward_loop=True))
+
+  def test_cpu_batch_one_test_stream(self):
+    plan = plan_lib.resolve(batch_size=1, vocab_size=10000, stream_tokens=82430, backend="cpu")
+    self.assertTrue(plan.batch1_as_vector)
+    self.assertTrue(plan.first_layer_per_vocab_row)
+
+  @parameterized.parameters("gpu", "tpu")
+  def test_accelerators_take_the_plain_forms(self, backend):
+    for dtype in ("float32", "bfloat16"):
+      plan = plan_lib.resolve(dtype=dtype, batch_size=1, vocab_size=10000, stream_tokens=400,
+                              backend=backend)
+      self.assertEqual(plan, kernels.Plan(dtype=dtype))
+
+  def test_reference_takes_no_fast_form(self):
+    plan = plan_lib.resolve(kernels="reference", dtype="bfloat16", batch_size=1, vocab_size=50,
+                            stream_tokens=5000, backend="cpu")
+    self.assertEqual(plan, kernels.Plan(kernels="reference", dtype="bfloat16"))
+
+  def test_unknown_kernels_are_refused(self):
+    with self.assertRaisesRegex(ValueError, "--kernels='cudnn' is unknown"):
+      kernels.Plan(kernels="cudnn")
+
+
+class ModelFormsTest(parameterized.TestCase):
+  """The whole model: the first layer fed per vocabulary row, bfloat16, reference vs fast."""
+
+  def test_table_path_equals_lookup_then_project(self):
+    self.enter_context(jax.default_matmul_precision("highest"))
+    rng = np.random.default_rng(5)
+    t, b, v, d, h = 7, 4, 9, 5, 6
+    table_VxD = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
+    tokens_TxB = jnp.asarray(rng.integers(0, v, size=(t, b)), jnp.int32)
+    c0, h0 = (jnp.asarray(rng.normal(size=(b, h)), jnp.float32) for _ in range(2))
+    probe_TxBxH = jnp.asarray(rng.normal(size=(t, b, h)), jnp.float32)
+    layer = model_lib.LSTMLayer(hidden_size=h, init_scale=0.5)
+    params = layer.init(jax.random.key(0), c0, h0, x_TxBxD=table_VxD[tokens_TxB])["params"]
+
+    def loss(params, table_VxD, via_table):
+      inputs = (dict(table_VxD=table_VxD, tokens_TxB=tokens_TxB) if via_table else
+                dict(x_TxBxD=table_VxD[tokens_TxB]))
+      out_TxBxH, (c, hh) = layer.apply({"params": params}, c0, h0, **inputs)
+      return (out_TxBxH * probe_TxBxH).sum() + c.sum() + hh.sum()
+
+    for dtype in ("float32", "bfloat16"):
+      layer = layer.clone(plan=kernels.Plan(dtype=dtype))
+      got = jax.value_and_grad(loss, argnums=(0, 1))(params, table_VxD, True)
+      want = jax.value_and_grad(loss, argnums=(0, 1))(params, table_VxD, False)
+      for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_close(g, e, dtype, dtype)
+
+  def test_a_projected_table_with_dropout_is_refused(self):
+    model = model_lib.LanguageModel(vocab_size=9, hidden_size=8, num_layers=1, dropout=0.5,
+                                    init_scale=0.1)
+    tokens = jnp.zeros((2, 3), jnp.int32)
+    carry = model_lib.zero_state(1, 2, 8)
+    params = model.init(jax.random.key(0), tokens, carry, train=False)["params"]
+    table = model_lib.first_layer_table(params, model.plan)
+    with self.assertRaisesRegex(ValueError, "without dropout"):
+      model.apply({"params": params}, tokens, carry, train=True, xw_table_Vx4H=table,
+                  rngs={"dropout": jax.random.key(1)})
+
+  def test_bfloat16_stays_close_and_state_stays_float32(self):
+    model = model_lib.LanguageModel(vocab_size=50, hidden_size=32, num_layers=2, dropout=0.0,
+                                    init_scale=0.1)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, size=(4, 8)), jnp.int32)
+    carry = model_lib.zero_state(2, 4, 32)
+    params = model.init(jax.random.key(0), tokens, carry, train=False)["params"]
+    full, _ = model.apply({"params": params}, tokens, carry, train=False)
+    half, carry_bf16 = model.clone(plan=kernels.Plan(dtype="bfloat16")).apply(
+        {"params": params}, tokens, carry, train=False)
+    self.assertEqual(half.dtype, jnp.float32)
+    self.assertEqual(carry_bf16.c_LxBxH.dtype, jnp.float32)
+    np.testing.assert_allclose(half, full, atol=2e-2)
+    self.assertGreater(np.abs(np.asarray(half) - np.asarray(full)).max(), 0)  # really bf16
+
+  def test_nll_path_equals_logits_path(self):
+    model = model_lib.LanguageModel(vocab_size=30, hidden_size=8, num_layers=2, dropout=0.0,
+                                    init_scale=0.3)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 30, size=(3, 4)), jnp.int32)
+    targets = jnp.roll(tokens, -1, axis=1)
+    carry = model_lib.zero_state(2, 3, 8)
+    params = model.init(jax.random.key(0), tokens, carry, train=False)["params"]
+    logits, carry_a = model.apply({"params": params}, tokens, carry, train=False)
+    nll, carry_b = model.apply({"params": params}, tokens, carry, train=False,
+                               targets_BxT=targets)
+    self.assertEqual(nll.shape, (3, 4))
+    np.testing.assert_allclose(
+        nll, optax.softmax_cross_entropy_with_integer_labels(logits, targets), rtol=1e-5)
+    np.testing.assert_allclose(carry_a.h_LxBxH, carry_b.h_LxBxH)
+
+
+class TrainWithBothKernelsTest(parameterized.TestCase):
+  """A few SGD steps with the fast kernels and with the reference: the same parameters."""
+
+  @parameterized.parameters("float32", "bfloat16")
+  def test_same_parameters_after_steps(self, dtype):
+    config = helpers.tiny_config(dtype=dtype, dropout=0.3)
+    rng = np.random.default_rng(0)
+    tokens_KxBxT = jnp.asarray(rng.integers(0, 13, size=(6, 4, 6)), jnp.int32)
+    results = {}
+    for name in ("fast", "reference"):
+      model = model_lib.make_model(config.replace(kernels=name), 13)
+      tx = train_lib.make_optimizer(config, 100)
+      state = train_lib.create_train_state(config, model, tx, jax.random.key(0))
+      state, metrics = train_lib.jit_train_steps(model, tx)(
+          state, tokens_KxBxT[:, :, :-1], tokens_KxBxT[:, :, 1:])
+      results[name] = (state.params, metrics["nll_sum"])
+    (fast_params, fast_nll), (ref_params, ref_nll) = results["fast"], results["reference"]
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    np.testing.assert_allclose(fast_nll, ref_nll, rtol=tol)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(fast_params),
+                                 jax.tree.leaves(ref_params)):
+      np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(jnp.abs(want).max()),
+                                 err_msg=jax.tree_util.keystr(path))
+
+
+if __name__ == "__main__":
+  absltest.main()

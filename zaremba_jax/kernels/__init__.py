@@ -1,0 +1,44 @@
+"""The kernels the model calls: the recurrence, the projections and the output layer's loss.
+
+Each function takes a `Plan` (see `plan.py`) and runs the fast form or, for a plan with
+kernels="reference", the plain one in `reference.py`. The model needs nothing else from here.
+"""
+
+from zaremba_jax.kernels import matmul
+from zaremba_jax.kernels import recurrence
+from zaremba_jax.kernels import reference
+from zaremba_jax.kernels import softmax
+from zaremba_jax.kernels.plan import KERNELS, Plan, resolve  # pylint: disable=unused-import
+
+
+def lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan: Plan):
+  """The LSTM over time from its input projections: (h_TxBxH, (c_BxH, h_BxH))."""
+  if plan.kernels == "reference":
+    return reference.lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan)
+  return recurrence.lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan)
+
+
+def input_projection(x_TxBxD, w_Dx4H, b_4H, plan: Plan):
+  """x W_ih + b for every step, outside the recurrence's loop."""
+  if plan.kernels == "reference":
+    return reference.input_projection(x_TxBxD, w_Dx4H, b_4H, plan)
+  return matmul.input_projection(x_TxBxD, w_Dx4H, b_4H, plan)
+
+
+def table_projection(table_VxD, w_Dx4H, b_4H, plan: Plan):
+  """table W_ih + b: the input projection of every vocabulary row."""
+  return matmul.table_projection(table_VxD, w_Dx4H, b_4H, plan)
+
+
+def output_logits(x_BxTxH, w_HxV, b_V, plan: Plan):
+  """x W + b: the logits of every position."""
+  if plan.kernels == "reference":
+    return reference.output_logits(x_BxTxH, w_HxV, b_V, plan)
+  return matmul.output_logits(x_BxTxH, w_HxV, b_V, plan)
+
+
+def softmax_nll(x_NxH, w_HxV, b_V, targets_N, plan: Plan):
+  """-log softmax(x W + b)[target] per row."""
+  if plan.kernels == "reference":
+    return reference.softmax_nll(x_NxH, w_HxV, b_V, targets_N, plan)
+  return softmax.softmax_nll(x_NxH, w_HxV, b_V, targets_N, plan)

@@ -1,0 +1,79 @@
+"""The plan: every choice of kernel form that depends on the platform, the precision or a size.
+
+A `Plan` is resolved once for one use of the model (training windows, a validation stream, the
+batch-1 test stream, one-token generation) by `resolve`, the only place in the package that asks
+which backend it runs on. The kernels read its fields and never look at the platform themselves.
+What each choice buys, as measured, is in docs/performance.md.
+"""
+
+import dataclasses
+
+import jax
+
+KERNELS = ("fast", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How the kernels run for one use of the model. The defaults are the plain forms."""
+
+  # Which implementation: the fast kernels, or the reference (the paper's cell, autodiff).
+  kernels: str = "fast"
+  # Matmul input type, float32 or bfloat16; parameters, state and sums stay float32.
+  dtype: str = "float32"
+  # Feed the first layer (E W_ih + b)[tokens], projecting each vocabulary row once, when the
+  # stream has more tokens than the vocabulary has rows (the same numbers, fewer products).
+  first_layer_per_vocab_row: bool = False
+  # Batch 1: run the forward loop on 1-D state vectors (matrix-vector products).
+  batch1_as_vector: bool = False
+  # The forward loop multiplies by W_hh^T [4H, H] (contracting both last axes), not by W_hh.
+  recurrent_product_transposed: bool = False
+  # Weight gradients x^T dy with x^T materialised first, so the product stays bfloat16.
+  weight_grads_via_gather: bool = False
+  # The forward loop also emits the backward's per-step factors (else the backward makes them
+  # from stored gates in one pass over all steps).
+  factors_in_forward_loop: bool = False
+  # Evaluation's softmax folds its bias into the product as one more row of W.
+  fold_output_bias: bool = False
+
+  def __post_init__(self):
+    if self.kernels not in KERNELS:
+      raise ValueError(f"--kernels={self.kernels!r} is unknown; use one of {', '.join(KERNELS)}")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"dtype {self.dtype!r} is unknown; use float32 or bfloat16")
+
+  def resolved_for(self, *, batch_size: int, vocab_size: int, stream_tokens: int) -> "Plan":
+    """This plan's kernels and dtype, resolved for another use (see `resolve`)."""
+    return resolve(kernels=self.kernels, dtype=self.dtype, batch_size=batch_size,
+                   vocab_size=vocab_size, stream_tokens=stream_tokens)
+
+
+def resolve(*, kernels: str = "fast", dtype: str = "float32", batch_size: int, vocab_size: int,
+            stream_tokens: int, backend: str | None = None) -> Plan:
+  """The plan for `batch_size` rows over `stream_tokens` tokens of a `vocab_size` vocabulary.
+
+  Args:
+    kernels: "fast", or "reference" for the plain forms (every choice below off).
+    dtype: "float32" or "bfloat16" (matmul inputs).
+    batch_size: rows of the stream (1 for the paper's test protocol and for generation).
+    vocab_size: rows of the embedding.
+    stream_tokens: tokens one first-layer projection serves: a training window's B x T, or a
+      whole evaluation stream when evaluation makes the projection once for all its windows.
+    backend: "cpu", "gpu", "tpu"; default: where jax runs.
+  """
+  backend = backend or jax.default_backend()
+  dtype = str(dtype)
+  if kernels == "reference":
+    return Plan(kernels=kernels, dtype=dtype)
+  cpu = backend == "cpu"
+  bf16_on_cpu = cpu and dtype == "bfloat16"
+  return Plan(
+      kernels=kernels,
+      dtype=dtype,
+      first_layer_per_vocab_row=vocab_size < stream_tokens,
+      batch1_as_vector=cpu and batch_size == 1,
+      recurrent_product_transposed=bf16_on_cpu,
+      weight_grads_via_gather=bf16_on_cpu,
+      factors_in_forward_loop=cpu,
+      fold_output_bias=cpu and dtype == "float32",
+  )

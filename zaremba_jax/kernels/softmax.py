@@ -1,0 +1,55 @@
+"""The output layer's softmax cross-entropy, fused: -log softmax(x W + b)[target] per row.
+
+Equal to `reference.softmax_nll` (log_softmax under autodiff) in value and gradient. The forward
+pass keeps softmax - onehot (the gradient of the NLL with respect to the logits) in the plan's
+dtype, so the backward is two matmuls and a sum: one pass over the N x V logits fewer than
+autodiff of log_softmax, and never a log-probability array.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from zaremba_jax.kernels import matmul
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def softmax_nll(x_NxH, w_HxV, b_V, targets_N, plan):
+  """-log softmax(x W + b)[target] per row (nll_N), without keeping the logits around.
+
+  Outside a gradient (evaluation), with `plan.fold_output_bias` the bias rides in the product
+  as one more row of W against a column of ones.
+  """
+  if not plan.fold_output_bias:
+    return _softmax_nll_fwd(x_NxH, w_HxV, b_V, targets_N, plan)[0]
+  ones_Nx1 = jnp.ones((x_NxH.shape[0], 1), x_NxH.dtype)
+  logits_NxV = matmul.matmul(jnp.concatenate([x_NxH, ones_Nx1], axis=1),
+                             jnp.concatenate([w_HxV, b_V[None]], axis=0), plan.dtype)
+  return _nll_from_logits(logits_NxV, targets_N)[0]
+
+
+def _nll_from_logits(logits_NxV, targets_N):
+  """(nll_N, lse_N): -log softmax(logits)[target] per row, and the rows' logsumexp."""
+  lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
+  target_logit_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], axis=-1)[:, 0]
+  return lse_N - target_logit_N, lse_N
+
+
+def _softmax_nll_fwd(x_NxH, w_HxV, b_V, targets_N, plan):
+  logits_NxV = matmul.matmul(x_NxH, w_HxV, plan.dtype) + b_V
+  nll_N, lse_N = _nll_from_logits(logits_NxV, targets_N)
+  onehot_NxV = jax.nn.one_hot(targets_N, logits_NxV.shape[-1], dtype=jnp.float32)
+  dlogits_NxV = (jnp.exp(logits_NxV - lse_N[:, None]) - onehot_NxV).astype(plan.dtype)
+  return nll_N, (x_NxH, w_HxV, dlogits_NxV)
+
+
+def _softmax_nll_bwd(plan, residuals, g_N):
+  x_NxH, w_HxV, dlogits_NxV = residuals
+  d_NxV = dlogits_NxV * g_N[:, None].astype(plan.dtype)
+  dx_NxH = matmul.dot(d_NxV, w_HxV, (1, 1), plan.dtype)
+  dw_HxV = matmul.weight_grad(x_NxH, d_NxV, plan)
+  return dx_NxH, dw_HxV, d_NxV.astype(jnp.float32).sum(0), None
+
+
+softmax_nll.defvjp(_softmax_nll_fwd, _softmax_nll_bwd)
