@@ -1,7 +1,7 @@
 """How fast the batch-1 test protocol could go on this machine, next to how fast it goes.
 
   pip install -r requirements-bench.txt
-  python benchmarks/batch1_floor.py --presets=small,medium,large
+  python -m benchmarks.batch1_floor --presets=small,medium,large   # from the repository root
 
 A batch-1 token has work that no implementation can skip or batch: every layer multiplies its
 state by its whole recurrent matrix W_hh (H x 4H float32), one token after another, so each
@@ -22,7 +22,9 @@ inside a core's L2) the read rates measured this way are bound by each step's fi
 than by memory, so there the floor is that of a loop step, not of the hardware. Next to it, the
 batch-1 test's words/s of this package and of `throughput.py`'s PyTorch reference (float32, the
 same --test_len stream, alternating, median of --repeats), and what 1.2x PyTorch would need as
-a share of the floor.
+a share of the floor. The package's batch-1 pass is `throughput.JaxSystem.test`: `train.evaluate`
+with the model planned for that batch-1 stream (`model.planned_for`), as `loop.Evaluator` runs the
+test set.
 """
 
 import argparse
@@ -35,9 +37,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import throughput  # pylint: disable=g-import-not-at-top
+from benchmarks import throughput
 
 READ_STEPS = 64
 

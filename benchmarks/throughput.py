@@ -1,7 +1,7 @@
 """Training and evaluation speed of the presets, JAX against a PyTorch nn.LSTM of the same model.
 
   pip install -r requirements-bench.txt
-  python benchmarks/throughput.py --presets=small,medium,large --json=bench.json
+  python -m benchmarks.throughput --presets=small,medium,large --json=bench.json   # repo root
 
 For each preset it measures, after compilation: training words/s (median of --repeats runs of
 --steps steps), evaluation words/s at the training batch, the batch-1 test protocol's words/s,
@@ -10,10 +10,21 @@ bfloat16 autocast, alternating the systems within each repeat so that a noisy ma
 of them alike. Tokens are random (speed does not depend on them). Prints a table; --json writes
 the numbers. The batch-1 test runs a 4,096-token stream unless --test_len says otherwise;
 `--test_len=full` runs the PTB test set's length, as the paper's protocol does.
+
+What is timed is what the package runs: training is `train.train_steps` with the model of
+`model.make_model` (planned for the training window), called --steps_per_call windows at a time as
+the training loop does; evaluation (10 windows at the training batch) and the batch-1 test each
+run `train.evaluate` with the model re-planned for its own stream by `model.planned_for`, as
+`loop.Evaluator` does. A plan depends on the stream's length: a stream longer than the vocabulary
+gets the first layer's projection per vocabulary row, so the word-level evaluation stream here
+(10 windows, fewer tokens than the 10,000 words) runs without it, unlike the full validation set.
+
+To compare two checkouts (A/B of a change), run this in each from its own root with --no_torch
+and --json, in turn and then in reverse (A B B A) so that drift on the machine hits both alike,
+and compare the train_wps of the JSON files.
 """
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -21,13 +32,10 @@ import statistics
 import sys
 import time
 
+from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import flags  # pylint: disable=g-import-not-at-top
 from zaremba_jax import main as main_lib
 from zaremba_jax import model as model_lib
 from zaremba_jax import train as train_lib
@@ -35,7 +43,7 @@ from zaremba_jax import train as train_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = {"word": 10_000, "char": 50}
 # The PTB test set's length in tokens (words and <eos>; characters and <eos>): what the paper's
-# batch-1 protocol runs over. A stream longer than the vocabulary lets `evaluate` project the first
+# batch-1 protocol runs over. A stream longer than the vocabulary is planned to project the first
 # layer's input once per vocabulary row, so short streams understate our batch-1 speed a little.
 TEST_SET_TOKENS = {"word": 82_430, "char": 442_423}
 
@@ -70,7 +78,8 @@ def alternating_medians(fns, args, repeats):
 
 
 class JaxSystem:
-  """Our train_steps and evaluate, exactly as the training loop runs them."""
+  """Our train_steps and evaluate, exactly as the training loop runs them: training with the
+  training window's plan, each evaluation stream with a model planned for it."""
 
   def __init__(self, config, vocab, dtype, test_len):
     self.name = f"jax {dtype}"
@@ -96,7 +105,11 @@ class JaxSystem:
     self.test_windows = (rng.integers(0, vocab, size=(n_test, 1, chunk)).astype(np.int32),
                          rng.integers(0, vocab, size=(n_test, 1, chunk)).astype(np.int32),
                          np.ones((n_test, 1, chunk), np.float32))
-    self.eval_fn = train_lib.jit_evaluate(self.model)
+    # As loop.Evaluator: each stream's model planned for its rows and its length in tokens.
+    self.eval_model = model_lib.planned_for(self.model, b, self.eval_windows[0].size)
+    self.test_model = model_lib.planned_for(self.model, 1, self.test_windows[0].size)
+    self.eval_fn = train_lib.jit_evaluate(self.eval_model)
+    self.test_fn = train_lib.jit_evaluate(self.test_model)
     self.eval_words = n_eval * b * t
     self.test_words = n_test * chunk
     self.words_per_step = b * t
@@ -113,7 +126,7 @@ class JaxSystem:
               memory.output_size_in_bytes)
     self.train(self.per_call + 1)  # both compiled shapes
     jax.block_until_ready(self.eval_fn(self.state.params, *self.eval_windows))
-    jax.block_until_ready(self.eval_fn(self.state.params, *self.test_windows))
+    jax.block_until_ready(self.test_fn(self.state.params, *self.test_windows))
     return seconds, peak
 
   def train(self, steps):
@@ -127,7 +140,7 @@ class JaxSystem:
     jax.block_until_ready(self.eval_fn(self.state.params, *self.eval_windows))
 
   def test(self):
-    jax.block_until_ready(self.eval_fn(self.state.params, *self.test_windows))
+    jax.block_until_ready(self.test_fn(self.state.params, *self.test_windows))
 
   def device_peak(self):
     stats = jax.devices()[0].memory_stats() or {}

@@ -1,7 +1,7 @@
 """Kills a training run with SIGKILL at random moments, reruns it until it finishes, and checks
 that it ends with the same valid and test perplexity as the same run never interrupted.
 
-  python scripts/kill_resume.py --data_dir=../shared/data/ptb
+  python -m scripts.kill_resume --data_dir=../shared/data/ptb   # from the repository root
 
 Prints one line per attempt and a final verdict; exits 1 if the numbers differ.
 """
@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 SUMMARY = re.compile(r"summary: valid ppl (\S+)  test ppl (\S+)")
 

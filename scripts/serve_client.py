@@ -3,7 +3,7 @@ zaremba_jax): it starts `--mode=serve`, waits for "OK GO", feeds the character t
 token a line, checks every answer (50 log-probabilities whose exponentials sum to 1), and computes
 the course perplexity exp(5.6 x mean NLL per character) of the stream.
 
-  python scripts/serve_client.py --workdir=runs/char_small --data_dir=../shared/data/ptb
+  python -m scripts.serve_client --workdir=runs/char_small --data_dir=../shared/data/ptb   # repo root
 
 The first --latency_tokens tokens are sent one at a time, each waiting for its answer, to measure
 per-token latency; the rest are streamed.

@@ -1,17 +1,11 @@
 """Writes a checkpoint of a freshly initialised model, for timing inference (serve, sample) of
 presets too large to train here; its predictions are of course meaningless.
 
-  python scripts/untrained_checkpoint.py --flagfile=experiments/char_large.flags \
-      --data_dir=../shared/data/ptb --workdir=/tmp/char_large_untrained
+  python -m scripts.untrained_checkpoint --flagfile=experiments/char_large.flags \
+      --data_dir=../shared/data/ptb --workdir=/tmp/char_large_untrained   # from the repo root
 """
 
-import dataclasses
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 
 from zaremba_jax import checkpoint as checkpoint_lib
@@ -25,9 +19,7 @@ def main(argv):
   corpus = loop.load_corpus(config, flags.FLAGS.data_dir)
   run = loop.Run(config, corpus)
   ckpt = checkpoint_lib.Checkpointer(flags.FLAGS.workdir)
-  meta = {"config": config.to_dict(), "vocab": list(corpus.vocab),
-          "progress": dataclasses.asdict(loop.Progress()), "metrics": []}
-  ckpt.save(0, run.initial_state(), meta)
+  ckpt.save(0, run.initial_state(), run.meta(loop.Progress(), []))
   ckpt.close()
   print(f"wrote {flags.FLAGS.workdir}/checkpoints/0")
 

@@ -1,28 +1,25 @@
 """Where a training step's time goes: each piece of the model timed on its own.
 
-  python benchmarks/profile_step.py --presets=small,char_small --dtype=float32
+  python -m benchmarks.micro.profile_step --presets=small,char_small --dtype=float32
 
 For each preset it times, after compilation (median of --repeats runs of --iters calls each):
 the whole jitted train step, one LSTM layer's recurrence forward and forward+backward, the input
 projection of one layer, and the output layer (fused softmax cross-entropy) forward+backward.
+The pieces are the kernels the model calls (`kernels.lstm_recurrence`, `kernels.input_projection`,
+`kernels.softmax_nll`) under the training plan of `model.make_model`, as the train step runs them.
 The pieces leave out the embedding, dropout, clipping and the update, so they need not sum to
 the step. Prints a table in milliseconds and as a share of the step.
 """
 
 import argparse
-import os
 import statistics
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import throughput  # pylint: disable=g-import-not-at-top
-from zaremba_jax import model as model_lib
-from zaremba_jax import train as train_lib
+from benchmarks import throughput
+from zaremba_jax import kernels
 
 
 def pieces(config, vocab, dtype):
@@ -35,18 +32,22 @@ def pieces(config, vocab, dtype):
   x_TxBxH, w_ih, bias = normal(t, b, h), normal(h, 4 * h), normal(4 * h)
   x_NxH, w_out, b_out = normal(b * t, h), normal(h, vocab), normal(vocab)
   targets = jnp.asarray(rng.integers(0, vocab, size=(b * t,)), jnp.int32)
+  # The whole step as the training loop runs it, its donated state threaded through; the pieces
+  # run under the same plan as its model.
+  system = throughput.JaxSystem(config, vocab, dtype, test_len=4096)
+  plan = system.model.plan
 
   def recurrence(xw, w_hh, c0, h0):
-    return model_lib.lstm_recurrence(xw, w_hh, c0, h0, dtype)[0]
+    return kernels.lstm_recurrence(xw, w_hh, c0, h0, plan)[0]
 
   def recurrence_loss(xw, w_hh, c0, h0):
     return (recurrence(xw, w_hh, c0, h0) * probe).sum()
 
   def projection_loss(x, w, bias):
-    return model_lib.input_projection(x, w, bias, dtype).sum()
+    return kernels.input_projection(x, w, bias, plan).sum()
 
   def output_loss(x, w, bias):
-    return model_lib.softmax_nll(x, w, bias, targets, dtype).sum()
+    return kernels.softmax_nll(x, w, bias, targets, plan).sum()
 
   grad_all = lambda fn, n: jax.jit(jax.grad(fn, argnums=tuple(range(n))))
 
@@ -57,8 +58,6 @@ def pieces(config, vocab, dtype):
       jax.block_until_ready(out)
     return run
 
-  # The whole step as the training loop runs it, its donated state threaded through.
-  system = throughput.JaxSystem(config, vocab, jnp.dtype(dtype).name, test_len=4096)
   return [
       ("train step (whole)", system.train),
       ("recurrence fwd (1 layer)", calls(jax.jit(recurrence), xw, w_hh, c0, h0)),

@@ -1,10 +1,11 @@
 """Where the training loop's or the batch-1 test's time goes, XLA operation by operation.
 
-  python benchmarks/op_profile.py --preset=char_small --dtype=bfloat16
-  python benchmarks/op_profile.py --preset=medium --what=test
+  python -m benchmarks.micro.op_profile --preset=char_small --dtype=bfloat16
+  python -m benchmarks.micro.op_profile --preset=medium --what=test
 
 Runs one call of the jitted `train_steps` (--steps_per_call windows, as the training loop does) or
-of the batch-1 `evaluate` over a --test_len stream, after compilation, under `jax.profiler.trace`,
+of the batch-1 `evaluate` over a --test_len stream (its model planned for that stream, as
+`loop.Evaluator` does; see `throughput.JaxSystem`), after compilation, under `jax.profiler.trace`,
 and sums the trace's events by operation name (the names of the compiled HLO: `ynn_fusion.N` are
 matmuls, `*_fusion` elementwise work, `while.N` loops). Prints the wall time and, for the --top
 operations, milliseconds per window (or microseconds per token), calls and the threads they ran on.
@@ -18,14 +19,11 @@ import glob
 import gzip
 import json
 import os
-import sys
 import tempfile
 
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks import throughput  # pylint: disable=g-import-not-at-top
+from benchmarks import throughput
 
 # Events that contain others (the executor, Python frames, loops) rather than doing the work.
 CONTAINERS = ("ThunkExecutor", "$", "SlinkyThreadPool", "while", "call", "conditional",

@@ -1,0 +1,1 @@
+"""Benchmarks a user runs: `python -m benchmarks.throughput`, `python -m benchmarks.batch1_floor`."""

@@ -1,0 +1,1 @@
+"""Micro-benchmarks of single kernels and pieces of a step; see README.md here."""
