@@ -4,6 +4,7 @@ import glob
 import io
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,24 +33,55 @@ class ResumeTest(absltest.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     cls.data = helpers.write_tiny_corpus(tempfile.mkdtemp())
-    # Dropout on, so the PRNG key's continuation is checked too; ~100 windows an epoch.
+    # Dropout on, so the PRNG key's continuation is checked too; 90 windows an epoch, and the
+    # learning rate halves from epoch 2 (max_epoch=1), so a resume can straddle the change.
     cls.config = helpers.tiny_config(dropout=0.3, max_train_steps=140, checkpoint_every_steps=30,
-                                     log_per_epoch=4)
+                                     log_per_epoch=4, max_epoch=1)
+    # The uninterrupted run that the stopped-and-resumed ones must equal.
+    cls.straight_dir = tempfile.mkdtemp()
+    cls.straight, _ = cls.train(cls.straight_dir)
+    # A run stopped after the last step at the first rate: the end of epoch max_epoch = 1,
+    # before its validation. Tests continue copies of it.
+    cls.stopped_at_90_dir = tempfile.mkdtemp()
+    stopped, log = cls.train(cls.stopped_at_90_dir, stop_after=90)
+    assert stopped is None and "stop requested: saved step 90" in log, log
 
-  def train(self, workdir, stop_after=None, **changes):
+  def copy_of_stopped_at_90(self):
+    workdir = self.create_tempdir().full_path
+    shutil.copytree(self.stopped_at_90_dir, workdir, dirs_exist_ok=True)
+    return workdir
+
+  @classmethod
+  def train(cls, workdir, stop_after=None, **changes):
     """Trains in `workdir`; with `stop_after`, asks the run to stop once it has done that many
     steps (the loop asks after each call of train steps)."""
     out = io.StringIO()
     def stop_requested(step):
       return "stop requested" if stop_after and step >= stop_after else None
-    result = loop.train_and_evaluate(self.config.replace(**changes), self.data, workdir,
+    result = loop.train_and_evaluate(cls.config.replace(**changes), cls.data, workdir,
                                      reporting.Reporter(workdir, out),
                                      stop_requested=stop_requested)
     return result, out.getvalue()
 
+  def assert_same_as_straight(self, resumed, resumed_dir):
+    """A resumed run ended where the uninterrupted one did: every part of the TrainState
+    (params, optimizer state, carry, PRNG key, step), the perplexities and metrics.jsonl."""
+    a, b = self.straight["state"], resumed["state"]
+    self.assertEqual(int(a.step), 140)
+    self.assertEqual(int(b.step), 140)
+    for part in ("params", "opt_state", "carry"):
+      x, y = getattr(a, part), getattr(b, part)
+      self.assertEqual(jax.tree.structure(x), jax.tree.structure(y), part)
+      for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(x), jax.tree.leaves(y)):
+        np.testing.assert_array_equal(u, v, err_msg=f"{part}{jax.tree_util.keystr(path)}")
+    np.testing.assert_array_equal(jax.random.key_data(a.key), jax.random.key_data(b.key))
+    self.assertEqual((self.straight["valid"], self.straight["test"]),
+                     (resumed["valid"], resumed["test"]))
+    self.assertEqual(untimed(helpers.read_metrics(self.straight_dir)),
+                     untimed(helpers.read_metrics(resumed_dir)))
+
   def test_stop_and_resume_is_bit_exact(self):
-    straight_dir = self.create_tempdir().full_path
-    straight, _ = self.train(straight_dir)
+    # Stopped inside epoch 1 (lr 1) and continued into epoch 2 (lr 0.5).
     resumed_dir = self.create_tempdir().full_path
     stopped, log = self.train(resumed_dir, stop_after=70)  # mid-epoch: epoch 1 has 90 windows
     self.assertIsNone(stopped)
@@ -58,16 +90,18 @@ class ResumeTest(absltest.TestCase):
     resumed, log = self.train(resumed_dir)
     self.assertIn("resuming from", log)
     self.assertIn(f"checkpoints/{saved}: epoch 1, window {saved}", log)
-    a, b = straight["state"], resumed["state"]
-    self.assertEqual(int(a.step), 140)
-    self.assertEqual(int(b.step), 140)
-    for x, y in zip(jax.tree.leaves(a.params) + jax.tree.leaves(a.carry),
-                    jax.tree.leaves(b.params) + jax.tree.leaves(b.carry)):
-      np.testing.assert_array_equal(x, y)
-    np.testing.assert_array_equal(jax.random.key_data(a.key), jax.random.key_data(b.key))
-    self.assertEqual((straight["valid"], straight["test"]), (resumed["valid"], resumed["test"]))
-    self.assertEqual(untimed(helpers.read_metrics(straight_dir)),
-                     untimed(helpers.read_metrics(resumed_dir)))
+    self.assert_same_as_straight(resumed, resumed_dir)
+
+  def test_resume_at_the_learning_rate_change_is_bit_exact(self):
+    # Stopped after the last step at the first rate (the end of epoch max_epoch = 1, before its
+    # validation), and continued at the next rate: the schedule must pick up where it was.
+    rates = {r["epoch"]: r["learning_rate"] for r in helpers.read_metrics(self.straight_dir)
+             if r["split"] == "train"}
+    self.assertEqual(rates, {1: 1.0, 2: 0.5})
+    resumed_dir = self.copy_of_stopped_at_90()
+    resumed, log = self.train(resumed_dir)
+    self.assertIn("resuming from", log)
+    self.assert_same_as_straight(resumed, resumed_dir)
 
   def test_damaged_newest_checkpoint_is_skipped(self):
     workdir = self.create_tempdir().full_path
@@ -87,7 +121,8 @@ class ResumeTest(absltest.TestCase):
   def test_shape_changing_flag_is_refused(self):
     workdir = self.create_tempdir().full_path
     self.train(workdir, max_train_steps=30)
-    with self.assertRaisesRegex(loop.ResumeError, r"--hidden_size=32 .* --hidden_size=16"):
+    with self.assertRaisesRegex(checkpoint_lib.ResumeError,
+                                r"--hidden_size=32 .* --hidden_size=16"):
       self.train(workdir, max_train_steps=60, hidden_size=32)
     # Nothing was lost: the old run still resumes.
     result, log = self.train(workdir, max_train_steps=60)
@@ -113,6 +148,36 @@ class ResumeTest(absltest.TestCase):
     result = loop.evaluate_checkpoint(workdir, self.data, reporter=reporting.Reporter(None, out))
     self.assertEqual(result["valid"], trained["valid"])
     self.assertEqual(result["test"], trained["test"])
+
+  def test_evaluate_loads_the_best_checkpoint_and_names_its_epoch(self):
+    workdir = self.copy_of_stopped_at_90()
+    # Epoch 2 at a learning rate that wrecks the model validates far worse than epoch 1, so the
+    # best checkpoint is the one taken at the end of epoch 1, not the last.
+    _, log = self.train(workdir, learning_rate=1e3)
+    self.assertIn("resuming from", log)
+    valid = [r for r in helpers.read_metrics(workdir) if r["split"] == "valid"]
+    self.assertEqual([(r["epoch"], r["step"]) for r in valid], [(1, 90), (2, 140)])
+    best = min(valid, key=lambda r: r["perplexity"])
+    self.assertEqual(best["epoch"], 1)
+    self.assertGreater(valid[-1]["perplexity"], 2 * best["perplexity"])
+    out = io.StringIO()
+    reporter = reporting.Reporter(None, out)
+    result = loop.evaluate_checkpoint(workdir, self.data, reporter=reporter)
+    self.assertEqual(result["step"], best["step"])
+    self.assertEqual(result["valid"], best["perplexity"])  # that epoch's validation, recomputed
+    self.assertEqual([r["epoch"] for r in reporter.records], [best["epoch"]] * 2)
+    self.assertRegex(out.getvalue(), rf"epoch +{best['epoch']}  valid ppl")
+    # query, sample and serve load the same checkpoint.
+    self.assertEqual(checkpoint_lib.load_trained(workdir, say=lambda _: None).step, best["step"])
+
+  def test_evaluate_names_the_epoch_of_a_mid_epoch_checkpoint(self):
+    # The straight run stopped at step 140, 50 windows into epoch 2, and checkpointed there.
+    final = [r for r in helpers.read_metrics(self.straight_dir) if r["split"] == "valid"][-1]
+    self.assertEqual((final["step"], final["epoch"]), (140, 2))
+    reporter = reporting.Reporter(None, io.StringIO())
+    result = loop.evaluate_checkpoint(self.straight_dir, self.data, step=140, reporter=reporter)
+    self.assertEqual(result["valid"], final["perplexity"])
+    self.assertEqual([r["epoch"] for r in reporter.records], [2, 2])
 
   def test_evaluate_without_checkpoint_says_so(self):
     workdir = self.create_tempdir().full_path
@@ -153,10 +218,6 @@ class SignalTest(absltest.TestCase):
     self.assertEqual(summary(straight), summary(second))
 
 
-if __name__ == "__main__":
-  absltest.main()
-
-
 class DiskFullTest(absltest.TestCase):
 
   def test_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(self):
@@ -181,3 +242,7 @@ class DiskFullTest(absltest.TestCase):
     result = loop.train_and_evaluate(config, data, workdir, reporting.Reporter(workdir, out))
     self.assertIn("checkpoints/20: epoch 1, window 20", out.getvalue())
     self.assertEqual(int(result["state"].step), 60)
+
+
+if __name__ == "__main__":
+  absltest.main()

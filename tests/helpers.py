@@ -6,13 +6,37 @@ import os
 import numpy as np
 
 from zaremba_jax import config as config_lib
+from zaremba_jax import data as data_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PTB_DIR = os.environ.get("ZAREMBA_JAX_TEST_PTB",
-                         os.path.join(REPO, "..", "shared", "data", "ptb"))
-HAVE_PTB = all(os.path.isfile(os.path.join(PTB_DIR, f"ptb.{s}.txt"))
-               for s in ("train", "valid", "test"))
-NO_PTB_REASON = f"real PTB not found in {PTB_DIR} (set ZAREMBA_JAX_TEST_PTB to its folder)"
+SHARED_PTB = os.path.join(REPO, "..", "shared", "data", "ptb")
+TEST_PTB_VAR = "ZAREMBA_JAX_TEST_PTB"
+
+
+def has_ptb(folder: str | None) -> bool:
+  """Whether `folder` holds the three PTB files."""
+  return bool(folder) and all(os.path.isfile(os.path.join(folder, f"ptb.{s}.txt"))
+                              for s in ("train", "valid", "test"))
+
+
+def find_ptb(environ=os.environ, shared: str = SHARED_PTB, cache: str | None = None) -> str:
+  """Where the tests read real PTB: $ZAREMBA_JAX_TEST_PTB if set (whatever it holds), else
+  ../shared/data/ptb if it has the three files, else the download cache (data.DEFAULT_CACHE) if
+  it has them, else ../shared/data/ptb (absent: the tests that need PTB skip)."""
+  if environ.get(TEST_PTB_VAR):
+    return environ[TEST_PTB_VAR]
+  cache = data_lib.DEFAULT_CACHE if cache is None else cache
+  for folder in (shared, cache):
+    if has_ptb(folder):
+      return folder
+  return shared
+
+
+PTB_DIR = find_ptb()
+HAVE_PTB = has_ptb(PTB_DIR)
+NO_PTB_REASON = (f"real PTB not found in ${TEST_PTB_VAR}={PTB_DIR}" if os.environ.get(TEST_PTB_VAR)
+                 else f"real PTB not found in {SHARED_PTB} nor in {data_lib.DEFAULT_CACHE}; set"
+                      f" {TEST_PTB_VAR} to its folder")
 
 
 def write_tiny_corpus(folder: str, n_lines=(400, 40, 40), seed: int = 0) -> str:

@@ -9,6 +9,7 @@ import tempfile
 
 import numpy as np
 from absl.testing import absltest
+from absl.testing import parameterized
 
 from zaremba_jax import checkpoint as checkpoint_lib
 from zaremba_jax import data as data_lib
@@ -121,6 +122,39 @@ class SampleTest(absltest.TestCase):
     lines = run.stdout.splitlines()
     self.assertEqual(lines[0], "OK GO")
     self.assertLen(lines, 3)
+
+
+class ChooseTest(parameterized.TestCase):
+  """sample.choose against distributions computed by hand: p_i^(1/T) over the k most likely."""
+
+  PROBS = np.array([0.05, 0.30, 0.10, 0.40, 0.15])
+
+  @parameterized.named_parameters(
+      ("t1_all", 1.0, 0, [0.05, 0.30, 0.10, 0.40, 0.15]),
+      ("t2_all", 2.0, 0, np.sqrt([0.05, 0.30, 0.10, 0.40, 0.15])),
+      ("t_half_all", 0.5, 0, np.square([0.05, 0.30, 0.10, 0.40, 0.15])),
+      ("t1_top3", 1.0, 3, [0, 0.30, 0, 0.40, 0.15]),
+      ("t2_top2", 2.0, 2, np.sqrt([0, 0.30, 0, 0.40, 0])),
+      ("t1_top1", 1.0, 1, [0, 0, 0, 1, 0]),
+      ("t1_top_k_past_vocab", 1.0, 9, [0.05, 0.30, 0.10, 0.40, 0.15]))
+  def test_draws_follow_the_hand_computed_distribution(self, temperature, top_k, weights):
+    p = np.asarray(weights, np.float64) / np.sum(weights)
+    n = 2000
+    # The same seeded stream drawn through rng.choice with the hand-computed probabilities must
+    # pick the same tokens: one uniform a draw, against p's cumulative sums.
+    got_rng, want_rng = np.random.default_rng(5), np.random.default_rng(5)
+    got = [sample.choose(np.log(self.PROBS), temperature, top_k, got_rng) for _ in range(n)]
+    want = [int(want_rng.choice(len(p), p=p)) for _ in range(n)]
+    np.testing.assert_array_equal(got, want)
+    # And the frequencies are p's (a loose check of the reference itself).
+    freq = np.bincount(got, minlength=len(p)) / n
+    np.testing.assert_allclose(freq, p, atol=0.04)
+
+  @parameterized.parameters(0, 2)
+  def test_temperature_zero_is_argmax(self, top_k):
+    rng = np.random.default_rng(0)
+    self.assertEqual(sample.choose(np.log(self.PROBS), 0.0, top_k, rng), 3)
+    self.assertEqual(sample.choose(np.log(self.PROBS[::-1]), 0.0, top_k, rng), 1)
 
 
 if __name__ == "__main__":

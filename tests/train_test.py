@@ -1,6 +1,8 @@
 """Schedule, loss scaling, clipping, the test protocol, and learning on a tiny corpus."""
 
+import functools
 import io
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from zaremba_jax import model as model_lib
 from zaremba_jax import reporting
 from zaremba_jax import train as train_lib
 from tests import helpers
+from tests import reference
 
 
 class ScheduleTest(parameterized.TestCase):
@@ -101,6 +104,82 @@ class LossAndOptimizerTest(parameterized.TestCase):
     self.assertGreater(float(metrics["grad_norm"]), 0.0)
 
 
+class TrainStepFromACarryTest(absltest.TestCase):
+  """Train steps that start from a non-zero carry, against jax.grad of the paper's model written
+  out (reference.lstm_forward) and run from that carry."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    # No clipping, so that a step is p - lr * grad; weights large enough that the carry matters.
+    cls.config = helpers.tiny_config(batch_size=3, num_steps=4, hidden_size=8, init_scale=0.5,
+                                     max_grad_norm=1e9, learning_rate=0.5)
+    cls.model = model_lib.make_model(cls.config, 11)
+    cls.tx = train_lib.make_optimizer(cls.config, 100)
+    rng = np.random.default_rng(4)
+    cls.inputs_KxBxT, cls.targets_KxBxT = (
+        rng.integers(0, 11, size=(2, 3, 4)).astype(np.int32) for _ in range(2))
+    cls.carry = reference.random_carry(rng, 2, 3, 8)
+    cls.initial = train_lib.create_train_state(cls.config, cls.model, cls.tx, jax.random.key(0))
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(jax.default_matmul_precision("highest"))
+
+  def state(self):
+    """A fresh copy (jit_train_steps donates its argument) holding the non-zero carry."""
+    state = jax.tree.map(lambda a: a.copy(), self.initial)
+    return state.replace(carry=model_lib.LSTMState(*(a.copy() for a in self.carry)))
+
+  @staticmethod
+  @jax.jit
+  def reference_step(params, carry, inputs, targets):
+    """(params after one SGD step at 0.5, carry after the window, nll_sum, gradient norm)."""
+    def loss(params):
+      logits, carry_out = reference.lstm_forward(params, inputs, carry)
+      nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)
+      return nll.sum() / inputs.shape[0], (carry_out, nll.sum())
+    (_, (carry_out, nll_sum)), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    norm = jnp.sqrt(sum((g ** 2).sum() for g in jax.tree.leaves(grads)))
+    return jax.tree.map(lambda p, g: p - 0.5 * g, params, grads), carry_out, nll_sum, norm
+
+  def assert_trees_close(self, got, want, what):
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6,
+                                 err_msg=f"{what}{jax.tree_util.keystr(path)}")
+
+  def test_train_step_starts_from_the_incoming_carry(self):
+    state = self.state()
+    params0 = state.params
+    want_params, want_carry, want_nll, want_norm = self.reference_step(
+        params0, self.carry, self.inputs_KxBxT[0], self.targets_KxBxT[0])
+    # The reference from a zero carry lands elsewhere, so a step that ignored the carry would fail.
+    zero = tuple(jnp.zeros_like(a) for a in self.carry)
+    from_zero = self.reference_step(params0, zero, self.inputs_KxBxT[0], self.targets_KxBxT[0])
+    self.assertGreater(max(float(jnp.abs(a - b).max()) for a, b in
+                           zip(jax.tree.leaves(from_zero[0]), jax.tree.leaves(want_params))), 1e-3)
+    step = jax.jit(functools.partial(train_lib.train_step, model=self.model, tx=self.tx))
+    new_state, metrics = step(state, self.inputs_KxBxT[0], self.targets_KxBxT[0])
+    self.assertEqual(int(new_state.step), 1)
+    self.assert_trees_close(new_state.params, want_params, "params")
+    self.assert_trees_close(tuple(new_state.carry), want_carry, "carry")
+    np.testing.assert_allclose(metrics["nll_sum"], want_nll, rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], want_norm, rtol=1e-5)
+
+  def test_jitted_steps_carry_the_state_from_window_to_window(self):
+    state = self.state()
+    params, carry, nlls = state.params, self.carry, []
+    for inputs, targets in zip(self.inputs_KxBxT, self.targets_KxBxT):
+      params, carry, nll_sum, _ = self.reference_step(params, carry, inputs, targets)
+      nlls.append(nll_sum)
+    new_state, metrics = train_lib.jit_train_steps(self.model, self.tx)(
+        state, self.inputs_KxBxT, self.targets_KxBxT)
+    self.assertEqual(int(new_state.step), 2)
+    self.assert_trees_close(new_state.params, params, "params")
+    self.assert_trees_close(tuple(new_state.carry), carry, "carry")
+    np.testing.assert_allclose(metrics["nll_sum"], nlls, rtol=1e-5)
+
+
 class EvaluateTest(absltest.TestCase):
 
   def test_batch_one_test_pass_equals_token_by_token_loop(self):
@@ -168,6 +247,49 @@ class TinyRunTest(absltest.TestCase):
     for x, y in zip(jax.tree.leaves(one["state"].params), jax.tree.leaves(grouped["state"].params)):
       np.testing.assert_array_equal(x, y)
     self.assertEqual((one["valid"], one["test"]), (grouped["valid"], grouped["test"]))
+
+
+class CarryResetTest(absltest.TestCase):
+
+  def test_carry_is_zero_at_each_epoch_start_and_only_there(self):
+    """The carry each call of the loop's jitted train steps starts from: zeros at an epoch's first
+    window, and everywhere else the carry the previous call returned."""
+    folder = helpers.write_tiny_corpus(self.create_tempdir().full_path, n_lines=(100, 20, 20))
+    config = helpers.tiny_config(max_max_epoch=3, steps_per_call=4)
+    # Counted here from the token stream: each of the batch_size rows cut from it gives
+    # (row length - 1) // num_steps windows (the targets run one token ahead).
+    n_train = len(data_lib.read_words(f"{folder}/ptb.train.txt"))
+    steps_per_epoch = (n_train // config.batch_size - 1) // config.num_steps
+    calls = []  # (first step, carry in, windows, carry out) of each call
+    jit_train_steps = train_lib.jit_train_steps
+
+    def observed(model, tx):
+      train_steps = jit_train_steps(model, tx)
+      def call(state, inputs_KxBxT, targets_KxBxT):
+        step, carry_in = int(state.step), [np.array(a) for a in state.carry]  # before donation
+        state, metrics = train_steps(state, inputs_KxBxT, targets_KxBxT)
+        calls.append((step, carry_in, len(inputs_KxBxT), [np.array(a) for a in state.carry]))
+        return state, metrics
+      return call
+
+    with mock.patch.object(train_lib, "jit_train_steps", observed):
+      loop.train_and_evaluate(config, folder, None, reporting.Reporter(None, io.StringIO()))
+    self.assertEqual(sum(k for _, _, k, _ in calls), 3 * steps_per_epoch)
+    self.assertGreater(len(calls), 3 * 3)  # several calls an epoch, so "only there" is tested
+    previous_out = None
+    for step, carry_in, k, carry_out in calls:
+      window = step % steps_per_epoch
+      self.assertLessEqual(window + k, steps_per_epoch, f"the call at step {step} crosses an"
+                           f" epoch's end, where the carry must be reset")
+      if window == 0:
+        for a in carry_in:
+          np.testing.assert_array_equal(a, 0.0, err_msg=f"carry at the epoch start, step {step}")
+      else:
+        self.assertGreater(np.abs(carry_in[1]).max(), 0.0, f"carry reset at step {step}")
+        for a, b in zip(carry_in, previous_out):
+          np.testing.assert_array_equal(a, b, err_msg=f"carry into step {step} is not the one the"
+                                        f" previous call returned")
+      previous_out = carry_out
 
 
 if __name__ == "__main__":

@@ -249,6 +249,7 @@ def load_trained(workdir: str, step: int | None = None, say=print) -> Trained:
     ckpt.close()
   return Trained(config=holder["config"], vocab=tuple(meta["vocab"]), model=holder["model"],
                  params=state.params, step=saved_step,
-                 # A checkpoint taken at an epoch's end already points at the next epoch.
-                 epoch=min(meta["progress"]["epoch"], holder["config"].max_max_epoch),
+                 # A checkpoint taken at an epoch's end (after its validation) already points
+                 # at the next epoch's first window; one taken inside an epoch, at a later window.
+                 epoch=max(1, meta["progress"]["epoch"] - (meta["progress"]["window"] == 0)),
                  path=os.path.join(workdir, kind, str(saved_step)))

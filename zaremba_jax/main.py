@@ -148,5 +148,15 @@ def generate(mode: str) -> int:
                            FLAGS.top_k, FLAGS.seed)
 
 
+def run(argv):
+  """`main`, with a usage error as one line on stderr: app.run would print the whole flag help
+  above it (--helpshort shows that on request)."""
+  try:
+    return main(argv)
+  except app.UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return e.exitcode
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(run)
