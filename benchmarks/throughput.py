@@ -2,6 +2,7 @@
 
   pip install -r requirements-bench.txt
   python -m benchmarks.throughput --presets=small,medium,large --json=bench.json   # repo root
+  python -m benchmarks.throughput --presets=small,medium --members=2,5   # K members vs K runs
 
 For each preset it measures, after compilation: training words/s (median of --repeats runs of
 --steps steps), evaluation words/s at the training batch, the batch-1 test protocol's words/s,
@@ -252,6 +253,75 @@ class TorchSystem:
     return None
 
 
+class MemberRuns:
+  """K members trained in one program (`--members=K`) against the same K models trained as K
+  single runs one after another, each with the training loop's calls of steps_per_call steps."""
+
+  def __init__(self, config, vocab, members, dtype):
+    config = config.replace(members=members, dtype=dtype)
+    self.name, self.members = f"{members} members {dtype}", members
+    model = model_lib.make_model(config, vocab)
+    tx = train_lib.make_optimizer(config, 1000)
+    rng = np.random.default_rng(0)
+    b, t = config.batch_size, config.num_steps
+    self.per_call = config.steps_per_call
+    tokens = rng.integers(0, vocab, size=(self.per_call, b, t + 1)).astype(np.int32)
+    self.window = (tokens[:, :, :-1], tokens[:, :, 1:])
+    self.words_per_step = b * t
+    self.together = train_lib.create_members(config, model, tx)
+    self.together_fn = train_lib.jit_member_train_steps(model, tx)
+    self.apart = [jax.tree.map(lambda x, i=i: x[i], self.together) for i in range(members)]
+    self.apart_fn = train_lib.jit_train_steps(model, tx)
+
+  def compile(self):
+    self.train_together(self.per_call)
+    self.train_apart(self.per_call)
+
+  def train_together(self, steps):
+    for _ in range(steps // self.per_call):
+      self.together, metrics = self.together_fn(self.together, *self.window)
+    jax.block_until_ready(metrics)
+
+  def train_apart(self, steps):
+    for i in range(self.members):
+      for _ in range(steps // self.per_call):
+        self.apart[i], metrics = self.apart_fn(self.apart[i], *self.window)
+      jax.block_until_ready(metrics)
+
+
+def bench_members(name, args):
+  """Member-words/s (words a second, summed over the members) of K members in one program and of
+  K single runs one after another, alternated within each repeat."""
+  config = preset_config(name)
+  steps = max(config.steps_per_call, args.steps.get(name, args.default_steps))
+  rows = []
+  for members in args.members:
+    for dtype in ("float32",) if args.no_bf16 else ("float32", "bfloat16"):
+      runs = MemberRuns(config, VOCAB[config.level], members, dtype)
+      runs.compile()
+      together, apart = [], []
+      for _ in range(args.repeats):
+        words = members * steps * runs.words_per_step
+        together.append(words / timed(lambda: runs.train_together(steps)))  # pylint: disable=cell-var-from-loop
+        apart.append(words / timed(lambda: runs.train_apart(steps)))  # pylint: disable=cell-var-from-loop
+      rows.append({"members": members, "dtype": dtype, "together_wps": statistics.median(together),
+                   "apart_wps": statistics.median(apart),
+                   "ratio": statistics.median(a / b for a, b in zip(together, apart))})
+  return {"preset": name, "steps_per_repeat": steps, "members": rows}
+
+
+def print_members_table(results, out=sys.stdout):
+  head = (f"{'preset':<11} {'members':>7} {'dtype':<9} {'one program w/s':>15}"
+          f" {'K runs w/s':>10} {'ratio':>6}")
+  print(head, file=out)
+  print("-" * len(head), file=out)
+  for result in results:
+    for row in result["members"]:
+      print(f"{result['preset']:<11} {row['members']:>7} {row['dtype']:<9}"
+            f" {row['together_wps']:>15.0f} {row['apart_wps']:>10.0f} {row['ratio']:>5.2f}x",
+            file=out)
+
+
 def bench_preset(name, args):
   config = preset_config(name)
   vocab = VOCAB[config.level]
@@ -321,7 +391,12 @@ def main():
   parser.add_argument("--no_torch", action="store_true")
   parser.add_argument("--no_bf16", action="store_true")
   parser.add_argument("--json", default=None)
+  parser.add_argument("--members", default="",
+                      help="instead of the table against PyTorch: K members in one program"
+                           " against K single runs one after another, for each K listed"
+                           " (words/s summed over members; ratio = median of the paired ratios)")
   args = parser.parse_args()
+  args.members = [int(k) for k in args.members.split(",") if k]
   args.steps = {k: int(v) for k, v in (kv.split("=") for kv in args.steps.split(",") if kv)}
   flags.FLAGS.mark_as_parsed()
   device = jax.devices()[0]
@@ -336,6 +411,10 @@ def main():
   except ImportError:
     args.no_torch = True
   print(json.dumps(info), flush=True)
+  if args.members:
+    run_presets(args.presets.split(","), lambda name: bench_members(name, args),
+                print_members_table, args.json, info, key="members")
+    return
   run_presets(args.presets.split(","), lambda name: bench_preset(name, args), print_table,
               args.json, info)
 

@@ -67,8 +67,8 @@ class ResumeTest(absltest.TestCase):
     """A resumed run ended where the uninterrupted one did: every part of the TrainState
     (params, optimizer state, carry, PRNG key, step), the perplexities and metrics.jsonl."""
     a, b = self.straight["state"], resumed["state"]
-    self.assertEqual(int(a.step), 140)
-    self.assertEqual(int(b.step), 140)
+    self.assertEqual(int(a.step[0]), 140)
+    self.assertEqual(int(b.step[0]), 140)
     for part in ("params", "opt_state", "carry"):
       x, y = getattr(a, part), getattr(b, part)
       self.assertEqual(jax.tree.structure(x), jax.tree.structure(y), part)
@@ -127,7 +127,7 @@ class ResumeTest(absltest.TestCase):
     # Nothing was lost: the old run still resumes.
     result, log = self.train(workdir, max_train_steps=60)
     self.assertIn("resuming from", log)
-    self.assertEqual(int(result["state"].step), 60)
+    self.assertEqual(int(result["state"].step[0]), 60)
 
   def test_restart_discards(self):
     workdir = self.create_tempdir().full_path
@@ -136,7 +136,7 @@ class ResumeTest(absltest.TestCase):
     result = loop.train_and_evaluate(self.config.replace(max_train_steps=10), self.data, workdir,
                                      reporting.Reporter(workdir, out), restart=True)
     self.assertIn("--restart: discarded checkpoints/ (steps 30)", out.getvalue())
-    self.assertEqual(int(result["state"].step), 10)
+    self.assertEqual(int(result["state"].step[0]), 10)
     self.assertNotIn("resuming", out.getvalue())
     self.assertEqual(checkpoint_lib.Checkpointer(workdir).steps(), [10])
     self.assertEqual(max(r["step"] for r in helpers.read_metrics(workdir)), 10)
@@ -241,7 +241,7 @@ class DiskFullTest(absltest.TestCase):
     out = io.StringIO()
     result = loop.train_and_evaluate(config, data, workdir, reporting.Reporter(workdir, out))
     self.assertIn("checkpoints/20: epoch 1, window 20", out.getvalue())
-    self.assertEqual(int(result["state"].step), 60)
+    self.assertEqual(int(result["state"].step[0]), 60)
 
 
 if __name__ == "__main__":

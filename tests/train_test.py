@@ -243,7 +243,7 @@ class TinyRunTest(absltest.TestCase):
       results.append(loop.train_and_evaluate(config, folder, None,
                                              reporting.Reporter(None, io.StringIO())))
     one, grouped = results
-    self.assertEqual(int(grouped["state"].step), 40)
+    self.assertEqual(grouped["state"].step.tolist(), [40])  # one member
     for x, y in zip(jax.tree.leaves(one["state"].params), jax.tree.leaves(grouped["state"].params)):
       np.testing.assert_array_equal(x, y)
     self.assertEqual((one["valid"], one["test"]), (grouped["valid"], grouped["test"]))
@@ -261,18 +261,18 @@ class CarryResetTest(absltest.TestCase):
     n_train = len(data_lib.read_words(f"{folder}/ptb.train.txt"))
     steps_per_epoch = (n_train // config.batch_size - 1) // config.num_steps
     calls = []  # (first step, carry in, windows, carry out) of each call
-    jit_train_steps = train_lib.jit_train_steps
+    jit_train_steps = train_lib.jit_member_train_steps
 
-    def observed(model, tx):
-      train_steps = jit_train_steps(model, tx)
+    def observed(model, tx, shardings=None):
+      train_steps = jit_train_steps(model, tx, shardings)
       def call(state, inputs_KxBxT, targets_KxBxT):
-        step, carry_in = int(state.step), [np.array(a) for a in state.carry]  # before donation
+        step, carry_in = int(state.step[0]), [np.array(a) for a in state.carry]  # before donation
         state, metrics = train_steps(state, inputs_KxBxT, targets_KxBxT)
         calls.append((step, carry_in, len(inputs_KxBxT), [np.array(a) for a in state.carry]))
         return state, metrics
       return call
 
-    with mock.patch.object(train_lib, "jit_train_steps", observed):
+    with mock.patch.object(train_lib, "jit_member_train_steps", observed):
       loop.train_and_evaluate(config, folder, None, reporting.Reporter(None, io.StringIO()))
     self.assertEqual(sum(k for _, _, k, _ in calls), 3 * steps_per_epoch)
     self.assertGreater(len(calls), 3 * 3)  # several calls an epoch, so "only there" is tested

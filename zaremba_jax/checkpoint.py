@@ -25,7 +25,7 @@ BEST = "best"
 
 
 # Flags that change a parameter's shape or the data a position refers to: fixed for a run.
-FIXED_ON_RESUME = ("level", "num_layers", "hidden_size", "batch_size", "num_steps")
+FIXED_ON_RESUME = ("level", "num_layers", "hidden_size", "batch_size", "num_steps", "members")
 
 
 class CheckpointError(RuntimeError):
@@ -52,10 +52,12 @@ def check_resumable(saved: dict, config, vocab, saved_vocab, say) -> None:
     vocab, saved_vocab: the corpus's vocabulary and the checkpoint's.
     say: where the changed flags are logged.
   """
+  defaults = config_lib.Config()
   for name in FIXED_ON_RESUME:
-    if saved[name] != getattr(config, name):
+    was = saved.get(name, getattr(defaults, name))  # older checkpoints lack newer flags
+    if was != getattr(config, name):
       raise ResumeError(f"--{name}={getattr(config, name)} differs from the checkpoint's"
-                        f" --{name}={saved[name]}; rerun with --{name}={saved[name]} to resume,"
+                        f" --{name}={was}; rerun with --{name}={was} to resume,"
                         f" or add --restart to discard the checkpoints and start over")
   check_vocab(vocab, saved_vocab, ", or add --restart to start over")
   for name, value in config.to_dict().items():
@@ -63,14 +65,19 @@ def check_resumable(saved: dict, config, vocab, saved_vocab, say) -> None:
       say(f"resuming with --{name} changed: {saved[name]} -> {value}")
 
 
-def abstract(tree):
-  """Shapes and dtypes of `tree`, placed on this process's first device.
+def abstract(tree, shardings=None):
+  """Shapes and dtypes of `tree`, placed with `shardings` (a matching pytree) or, by default, on
+  this process's first device.
 
-  Naming the device explicitly is what lets a checkpoint written on a GPU restore on a CPU (and
-  the reverse): without it Orbax would try the saving machine's placement.
+  Naming the placement explicitly is what lets a checkpoint written on a GPU restore on a CPU
+  (and the reverse), and one written on N devices restore on M: without it Orbax would try the
+  saving machine's placement.
   """
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+  if shardings is None:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
 
 
 def _reason(error: Exception) -> str:
@@ -133,7 +140,7 @@ class Checkpointer:
         f" rerun the same command to resume") from error
 
   def restore(self, target, kind: str = LATEST, step: int | None = None, check=None,
-              target_from_meta=None, say=print):
+              target_from_meta=None, say=print, shardings=None):
     """Restores (state, meta) from the newest readable checkpoint of `kind` (or exactly `step`).
 
     Args:
@@ -143,6 +150,7 @@ class Checkpointer:
       check: called with the checkpoint's meta before its arrays are read; raise to refuse.
       target_from_meta: builds the target from the checkpoint's meta (instead of `target`).
       say: where warnings go.
+      shardings: where the arrays go (a pytree like `target`; default: the first device).
 
     Unreadable checkpoints (a truncated or deleted file) are skipped with a warning naming them.
 
@@ -160,9 +168,16 @@ class Checkpointer:
       if check:
         check(meta)
       goal = target_from_meta(meta) if target_from_meta else target
+      # Written before members existed: one model's state, without the leading member axis.
+      one_model = "members" not in meta["config"]
+      if one_model:  # restored on one device; the caller places it
+        goal = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), goal)
       try:
         state = self._manager(kind).restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract(goal)))).state
+            state=ocp.args.StandardRestore(abstract(goal, None if one_model else shardings))
+        )).state
+        if one_model:
+          state = jax.tree.map(lambda x: x[None], state)
         return state, meta, candidate
       except Exception as e:  # pylint: disable=broad-except
         self._skip(path, e, say)

@@ -38,6 +38,8 @@ class Config:
   keep_checkpoints: int = 3      # recent checkpoints kept (the best is kept besides)
   steps_per_call: int = 10       # train steps per jitted call (a lax.scan over that many windows)
   kernels: str = "fast"          # fast kernels, or the reference (the paper's cell under autodiff)
+  members: int = 1               # models trained together (seeds seed..seed+members-1), averaged
+  mesh: str = ""                 # devices per axis, "members=M,batch=N" ("": members first)
 
   def __post_init__(self):
     errors = []
@@ -47,7 +49,7 @@ class Config:
       errors.append(f"--level={self.level!r} is unknown; use one of {', '.join(LEVELS)}")
     for name in ("batch_size", "num_steps", "num_layers", "hidden_size",
                  "max_epoch", "max_max_epoch", "log_per_epoch", "test_chunk",
-                 "checkpoint_every_steps", "keep_checkpoints", "steps_per_call"):
+                 "checkpoint_every_steps", "keep_checkpoints", "steps_per_call", "members"):
       value = getattr(self, name)
       if value < 1:
         errors.append(f"--{name}={value} must be at least 1")

@@ -20,7 +20,8 @@ flags.DEFINE_enum("mode", _DEFAULTS.mode, config_lib.MODES, "What to do.")
 flags.DEFINE_enum("level", _DEFAULTS.level, config_lib.LEVELS, "Tokens: words or characters.")
 flags.DEFINE_string("data_dir", None, "Folder with ptb.{train,valid,test}.txt. Default:"
                     " $ZAREMBA_JAX_DATA, else a cache filled by download.")
-flags.DEFINE_string("workdir", None, "Where metrics.jsonl (and checkpoints) go.")
+flags.DEFINE_string("workdir", None, "Where metrics.jsonl (and checkpoints) go. --mode=evaluate"
+                    " takes several, comma-separated, and averages their members.")
 flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Rows of the token stream.", lower_bound=1)
 flags.DEFINE_integer("num_steps", _DEFAULTS.num_steps, "Unrolled time steps per window.",
                      lower_bound=1)
@@ -45,6 +46,19 @@ flags.DEFINE_enum("dtype", _DEFAULTS.dtype, config_lib.DTYPES, "Matmul input typ
 flags.DEFINE_enum("kernels", _DEFAULTS.kernels, config_lib.KERNELS, "fast: the tuned kernels;"
                   " reference: the paper's equations under autodiff (same numbers within float"
                   " tolerance, slower).")
+flags.DEFINE_integer("members", _DEFAULTS.members, "Models trained together, member i with seed"
+                     " --seed+i, all on the same data; evaluation reports each and their average"
+                     " (the mean of their next-token probabilities).", lower_bound=1)
+flags.DEFINE_string("mesh", _DEFAULTS.mesh, "Devices per mesh axis, e.g. members=2,batch=2 (default:"
+                    " members spread over the devices first, then the batch rows).")
+flags.DEFINE_string("coordinator_address", None, "Several processes (hosts): host:port of process"
+                    " 0; start the same command in every process with --num_processes and"
+                    " --process_id.")
+flags.DEFINE_integer("num_processes", None, "Several processes: how many.", lower_bound=1)
+flags.DEFINE_integer("process_id", None, "Several processes: this one's index, from 0.",
+                     lower_bound=0)
+flags.DEFINE_integer("peer_timeout", 100, "Several processes: seconds without a word from a peer"
+                     " (killed, or its host gone) before the others stop too.", lower_bound=1)
 flags.DEFINE_integer("checkpoint_every_steps", _DEFAULTS.checkpoint_every_steps,
                      "Checkpoint every this many steps (and at each epoch end).", lower_bound=1)
 flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints, "Recent checkpoints to keep"
@@ -55,6 +69,8 @@ flags.DEFINE_integer("steps_per_call", _DEFAULTS.steps_per_call, "Train steps pe
                      lower_bound=1)
 flags.DEFINE_bool("restart", False, "Discard the checkpoints in --workdir and start over.")
 flags.DEFINE_integer("checkpoint_step", None, "--mode=evaluate: this checkpoint, not the best.")
+flags.DEFINE_list("ensemble_sizes", [], "--mode=evaluate: also report the average of the first k"
+                  " members, for each k listed (e.g. 2,5 for a --members=10 run).")
 flags.DEFINE_float("temperature", 0.0, "query/sample: softmax temperature; 0 picks the most"
                    " likely token.", lower_bound=0.0)
 flags.DEFINE_integer("top_k", 0, "query/sample: draw only from the k most likely tokens (0: all).",
@@ -113,15 +129,22 @@ def main(argv):
   from zaremba_jax import checkpoint as checkpoint_lib
   from zaremba_jax import data as data_lib
   from zaremba_jax import loop
+  from zaremba_jax import mesh as mesh_lib
+  # Before any other jax call: joins the processes of a multi-host run.
+  mesh_lib.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id, heartbeat_timeout_seconds=FLAGS.peer_timeout,
+                                  shutdown_timeout_seconds=FLAGS.peer_timeout)
   try:
     if config.mode == "train":
       loop.train_and_evaluate(config, FLAGS.data_dir, FLAGS.workdir, restart=FLAGS.restart,
                               stop_requested=StopOnSignal())
     elif config.mode == "evaluate":
-      loop.evaluate_checkpoint(FLAGS.workdir, FLAGS.data_dir, FLAGS.checkpoint_step)
+      loop.evaluate_checkpoint(FLAGS.workdir, FLAGS.data_dir, FLAGS.checkpoint_step,
+                               ensemble_sizes=tuple(int(k) for k in FLAGS.ensemble_sizes))
     else:
       return generate(config.mode)
-  except (data_lib.DataError, checkpoint_lib.CheckpointError, loop.ResumeError) as e:
+  except (data_lib.DataError, checkpoint_lib.CheckpointError, loop.ResumeError,
+          mesh_lib.MeshError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -35,8 +35,12 @@ class LSTMState(NamedTuple):
   h_LxBxH: jax.Array
 
 
-def zero_state(num_layers: int, batch_size: int, hidden_size: int) -> LSTMState:
+def zero_state(num_layers: int, batch_size: int, hidden_size: int,
+               members: int | None = None) -> LSTMState:
+  """Zeros, [L, B, H], or [K, L, B, H] for `members` models."""
   shape = (num_layers, batch_size, hidden_size)
+  if members is not None:
+    shape = (members, *shape)
   # Two buffers, not one: a donated train state must not hold the same buffer twice.
   return LSTMState(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
 

@@ -71,12 +71,25 @@ class Reporter:
       return fields, text, fields["course_perplexity"]
     return fields, f"ppl {fields['perplexity']:9.2f}", fields["perplexity"]
 
+  def member_measures(self, member_nll, count: float) -> tuple[dict, str]:
+    """(member_* lists for metrics.jsonl, the members' spread for people); empty for one."""
+    if member_nll is None or len(member_nll) < 2:
+      return {}, ""
+    per_member = [self.measures(nll, count) for nll in member_nll]
+    fields = {f"member_{name}": [m[0][name] for m in per_member] for name in per_member[0][0]}
+    headlines = [m[2] for m in per_member]
+    return fields, f"  members {min(headlines):.2f}-{max(headlines):.2f}"
+
   def headline_name(self) -> str:
     return "course ppl" if self.level == "char" else "ppl"
 
   def train_progress(self, *, step, epoch, fraction, nll_sum, count, words_per_sec,
-                     learning_rate, grad_norm) -> None:
+                     learning_rate, grad_norm, member_nll=None) -> None:
+    """A progress line; with several members, `nll_sum` is their mean and the spread follows."""
     fields, text, _ = self.measures(nll_sum, count)
+    member_fields, spread = self.member_measures(member_nll, count)
+    fields.update(member_fields)
+    text += spread
     unit = "cps" if self.level == "char" else "wps"
     self.say(f"epoch {epoch:3d}  {100 * fraction:5.1f}%  train {text}  "
              f"{unit} {words_per_sec:7.0f}  lr {learning_rate:.4g}  grad norm {grad_norm:6.2f}  "
@@ -85,8 +98,13 @@ class Reporter:
               "learning_rate": learning_rate, "words_per_sec": words_per_sec,
               "grad_norm": grad_norm, "minutes": self.minutes()})
 
-  def eval_result(self, *, step, epoch, split, nll_sum, count, learning_rate) -> float:
+  def eval_result(self, *, step, epoch, split, nll_sum, count, learning_rate,
+                  member_nll=None) -> float:
+    """An evaluation line; `nll_sum` is the ensemble's, `member_nll` each member's."""
     fields, text, headline = self.measures(nll_sum, count)
+    member_fields, spread = self.member_measures(member_nll, count)
+    fields.update(member_fields)
+    text += spread
     self.say(f"epoch {epoch:3d}  {split} {text}"
              f"  ({int(count)} tokens)  since beginning {self.minutes():.1f} min")
     self.log({"step": step, "epoch": epoch, "split": split, **fields,

@@ -13,12 +13,17 @@ import numpy as np
 
 from zaremba_jax import data as data_lib
 from zaremba_jax import model as model_lib
+from zaremba_jax import train as train_lib
 
 UNK = "<unk>"
 
 
 class Predictor:
-  """A trained model's next-token log-probabilities, with the state carried between calls."""
+  """A trained model's next-token log-probabilities, with the state carried between calls.
+
+  A checkpoint of several members predicts with their average: the log of the mean of the
+  members' next-token probabilities, each member carrying its own state.
+  """
 
   def __init__(self, trained):
     self.trained = trained
@@ -26,7 +31,8 @@ class Predictor:
     self.index = {token: i for i, token in enumerate(self.vocab)}
     model = model_lib.planned_for(trained.model, batch_size=1, stream_tokens=1)
     self._feed = jax.jit(functools.partial(_feed, model=model))
-    self.zero = model_lib.zero_state(model.num_layers, 1, model.hidden_size)
+    members = jax.tree.leaves(trained.params)[0].shape[0]
+    self.zero = model_lib.zero_state(model.num_layers, 1, model.hidden_size, members=members)
 
   def start(self):
     """The state before any token (zeros, as at the start of the test stream)."""
@@ -40,8 +46,12 @@ class Predictor:
 
 
 def _feed(params, tokens_1xT, carry, *, model):
-  logits_1xTxV, carry = model.apply({"params": params}, tokens_1xT, carry, train=False)
-  return jax.nn.log_softmax(logits_1xTxV[0, -1]), carry
+  def one_member(p, carry):
+    logits_1xTxV, carry = model.apply({"params": p}, tokens_1xT, carry, train=False)
+    return jax.nn.log_softmax(logits_1xTxV[0, -1]), carry
+  logprobs_KxV, carry = train_lib.over_members(one_member, model.plan, (0, 0))(params, carry)
+  members = logprobs_KxV.shape[0]
+  return jax.nn.logsumexp(logprobs_KxV, axis=0) - jnp.log(members), carry
 
 
 def choose(logprobs_V, temperature: float, top_k: int, rng: np.random.Generator) -> int:

@@ -35,6 +35,9 @@ class Plan:
   factors_in_forward_loop: bool = False
   # Evaluation's softmax folds its bias into the product as one more row of W.
   fold_output_bias: bool = False
+  # Several members in one program run one after another (lax.map), each with the one-model
+  # kernels, instead of side by side (vmap, whose batched products are other kernels).
+  members_one_by_one: bool = False
 
   def __post_init__(self):
     if self.kernels not in KERNELS:
@@ -49,7 +52,8 @@ class Plan:
 
 
 def resolve(*, kernels: str = "fast", dtype: str = "float32", batch_size: int, vocab_size: int,
-            stream_tokens: int, backend: str | None = None) -> Plan:
+            stream_tokens: int, backend: str | None = None,
+            num_devices: int | None = None) -> Plan:
   """The plan for `batch_size` rows over `stream_tokens` tokens of a `vocab_size` vocabulary.
 
   Args:
@@ -60,8 +64,10 @@ def resolve(*, kernels: str = "fast", dtype: str = "float32", batch_size: int, v
     stream_tokens: tokens one first-layer projection serves: a training window's B x T, or a
       whole evaluation stream when evaluation makes the projection once for all its windows.
     backend: "cpu", "gpu", "tpu"; default: where jax runs.
+    num_devices: devices the members are spread over; default: every device of the run.
   """
   backend = backend or jax.default_backend()
+  num_devices = jax.device_count() if num_devices is None else num_devices
   dtype = str(dtype)
   if kernels == "reference":
     return Plan(kernels=kernels, dtype=dtype)
@@ -76,4 +82,5 @@ def resolve(*, kernels: str = "fast", dtype: str = "float32", batch_size: int, v
       weight_grads_via_gather=bf16_on_cpu,
       factors_in_forward_loop=cpu,
       fold_output_bias=cpu and dtype == "float32",
+      members_one_by_one=cpu and num_devices == 1,
   )
