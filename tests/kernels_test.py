@@ -212,16 +212,22 @@ class PlanTest(parameterized.TestCase):
 
   def test_cpu_float32_training_window(self):
     plan = plan_lib.resolve(dtype="float32", batch_size=20, vocab_size=10000,
-                            stream_tokens=400, backend="cpu")
-    self.assertEqual(plan, kernels.Plan(factors_in_forward_loop=True, fold_output_bias=True))
+                            stream_tokens=400, backend="cpu", num_devices=1)
+    self.assertEqual(plan, kernels.Plan(factors_in_forward_loop=True, fold_output_bias=True,
+                                        members_one_by_one=True))
 
   def test_cpu_bfloat16_char_window(self):
     plan = plan_lib.resolve(dtype="bfloat16", batch_size=100, vocab_size=50,
-                            stream_tokens=5000, backend="cpu")
+                            stream_tokens=5000, backend="cpu", num_devices=1)
     self.assertEqual(plan, kernels.Plan(dtype="bfloat16", first_layer_per_vocab_row=True,
                                         recurrent_product_transposed=True,
                                         weight_grads_via_gather=True,
-                                        factors_in_forward_loop=True))
+                                        factors_in_forward_loop=True, members_one_by_one=True))
+
+  def test_members_side_by_side_over_several_cpu_devices(self):
+    plan = plan_lib.resolve(batch_size=20, vocab_size=10000, stream_tokens=400, backend="cpu",
+                            num_devices=4)
+    self.assertFalse(plan.members_one_by_one)
 
   def test_cpu_batch_one_test_stream(self):
     plan = plan_lib.resolve(batch_size=1, vocab_size=10000, stream_tokens=82430, backend="cpu")
