@@ -5,6 +5,8 @@ checked anywhere (a notebook, a test, the command line).
 """
 
 import dataclasses
+import importlib.util
+import pathlib
 
 MODES = ("train", "evaluate", "query", "serve", "sample")
 LEVELS = ("word", "char")
@@ -75,3 +77,99 @@ class Config:
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
+
+
+# Presets: the flagfiles in the repository's experiments/ folder, the one source of them. An installed
+# package ships that folder as zaremba_jax/experiments (pyproject.toml maps it there, no copy).
+PRESET_SUFFIX = ".flags"
+
+
+def presets_folder() -> pathlib.Path:
+  """The folder of the preset flagfiles: the installed package's, else the checkout's experiments/."""
+  # Installed (or installed editable), zaremba_jax.experiments is a package of data files (a namespace
+  # package: experiments/ holds no __init__.py); in a plain checkout it does not exist.
+  spec = importlib.util.find_spec("zaremba_jax.experiments")
+  for location in (spec.submodule_search_locations or []) if spec else []:
+    if pathlib.Path(location).is_dir():
+      return pathlib.Path(location)
+  return pathlib.Path(__file__).resolve().parent.parent / "experiments"
+
+
+def preset_names() -> tuple[str, ...]:
+  """The presets' names (small, medium, large, word200, char_small, char_large), sorted."""
+  folder = presets_folder()
+  if not folder.is_dir():
+    return ()
+  return tuple(sorted(entry.name[:-len(PRESET_SUFFIX)] for entry in folder.iterdir()
+                      if entry.name.endswith(PRESET_SUFFIX) and entry.is_file()))
+
+
+def preset_flags(name: str) -> list[str]:
+  """The flags of preset NAME, as `--flag=value` strings in file order, nested flagfiles expanded.
+
+  Reads the flagfile as absl's --flagfile does: one flag a line, blank lines and whole-line comments
+  (starting with # or //) skipped. A nested `--flagfile=experiments/X.flags` (a path relative to the
+  repository root, as the files are written) is read as preset X from the same folder, wherever the
+  command runs. Raises ValueError for an unknown name (listing the known ones) or a nested flagfile
+  that is not a preset.
+  """
+  return _read_preset(name, ())
+
+
+def _read_preset(name: str, seen: tuple[str, ...]) -> list[str]:
+  names = preset_names()
+  if name not in names:
+    raise ValueError(f"--preset={name!r} is unknown; use one of {', '.join(names) or '(none found)'}")
+  if name in seen:
+    raise ValueError(f"preset {seen[0]!r}: flagfiles nest in a cycle: {' -> '.join(seen + (name,))}")
+  text = presets_folder().joinpath(name + PRESET_SUFFIX).read_text(encoding="utf-8")
+  out = []
+  for line in text.splitlines():
+    line = line.strip()
+    if not line or line.startswith("#") or line.startswith("//"):
+      continue
+    if line.startswith("--flagfile="):
+      nested = line[len("--flagfile="):]
+      base = nested.replace("\\", "/").rsplit("/", 1)[-1]
+      if not base.endswith(PRESET_SUFFIX) or base[:-len(PRESET_SUFFIX)] not in names:
+        raise ValueError(f"preset {name!r} nests {line}, which is not one of the presets"
+                         f" ({', '.join(names)})")
+      out.extend(_read_preset(base[:-len(PRESET_SUFFIX)], seen + (name,)))
+    else:
+      out.append(line)
+  return out
+
+
+def _parse_value(field: dataclasses.Field, text: str):
+  if field.type is bool:
+    if text.lower() in ("true", "1"):
+      return True
+    if text.lower() in ("false", "0"):
+      return False
+    raise ValueError(f"--{field.name}={text} is not a boolean")
+  return field.type(text)
+
+
+def preset(name: str, **changes) -> Config:
+  """The Config of preset NAME (what `--preset=NAME` gives), with CHANGES applied on top.
+
+  e.g. `preset("small")`, `preset("word200").num_steps == 50`, `preset("large", dtype="bfloat16")`.
+  """
+  fields = {f.name: f for f in dataclasses.fields(Config)}
+  values = {}
+  for flag in preset_flags(name):
+    if not flag.startswith("--"):
+      raise ValueError(f"preset {name!r}: {flag!r} is not a --flag")
+    key, has_value, text = flag[2:].partition("=")
+    if not has_value and key.startswith("no") and key[2:] in fields:  # --noflag, a boolean
+      key, text = key[2:], "false"
+    elif not has_value:  # --flag, a boolean
+      text = "true"
+    if key not in fields:
+      raise ValueError(f"preset {name!r}: --{key} is not a field of Config")
+    try:
+      values[key] = _parse_value(fields[key], text)
+    except ValueError as e:
+      raise ValueError(f"preset {name!r}: {flag}: {e}") from None
+  values.update(changes)
+  return Config(**values)

@@ -1,5 +1,6 @@
 """Command line: flags -> Config -> the chosen mode.
 
+  zaremba-jax --preset=small --workdir=runs/small    (the installed command)
   python -m zaremba_jax.main --flagfile=experiments/small.flags --workdir=runs/small
 """
 
@@ -16,6 +17,10 @@ from zaremba_jax import config as config_lib
 
 _DEFAULTS = config_lib.Config()
 
+flags.DEFINE_string("preset", None, "A preset of experiments/ by name (one of"
+                    f" {', '.join(config_lib.preset_names())}): the same as"
+                    " --flagfile=experiments/NAME.flags, from any folder and from an installed"
+                    " package; flags after it override it.")
 flags.DEFINE_enum("mode", _DEFAULTS.mode, config_lib.MODES, "What to do.")
 flags.DEFINE_enum("level", _DEFAULTS.level, config_lib.LEVELS, "Tokens: words or characters.")
 flags.DEFINE_string("data_dir", None, "Folder with ptb.{train,valid,test}.txt. Default:"
@@ -97,6 +102,41 @@ def config_from_flags() -> config_lib.Config:
   return config_lib.Config(**{name: FLAGS[name].value for name in fields if name in FLAGS})
 
 
+def expand_presets(argv: list[str]) -> list[str]:
+  """argv with each `--preset=NAME` (or `--preset NAME`) followed by the preset's flags, in place.
+
+  The flags land where --preset stood, as --flagfile's would, so flags after it override it.
+  Raises ValueError for an unknown name.
+  """
+  out = [argv[0]]
+  rest = iter(argv[1:])
+  for arg in rest:
+    if arg == "--":  # everything after it is a positional argument
+      out.append(arg)
+      out.extend(rest)
+      break
+    name = None
+    if arg.startswith("--preset="):
+      name = arg[len("--preset="):]
+    elif arg == "--preset":
+      name = next(rest, "")
+      arg = f"--preset={name}"
+    out.append(arg)
+    if name is not None:
+      out.extend(config_lib.preset_flags(name))
+  return out
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """app.run's flag parser: expands --preset, then absl's parse (errors: one line, exit 1)."""
+  try:
+    argv = expand_presets(argv)
+  except ValueError as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {e}\n")
+    sys.exit(1)
+  return app.parse_flags_with_usage(argv)
+
+
 class StopOnSignal:
   """SIGTERM and SIGINT ask the run to checkpoint and stop; a second one stops at once."""
 
@@ -171,7 +211,7 @@ def generate(mode: str) -> int:
                            FLAGS.top_k, FLAGS.seed)
 
 
-def run(argv):
+def main_one_line_errors(argv):
   """`main`, with a usage error as one line on stderr: app.run would print the whole flag help
   above it (--helpshort shows that on request)."""
   try:
@@ -181,5 +221,10 @@ def run(argv):
     return e.exitcode
 
 
+def run():
+  """The `zaremba-jax` command: the same as `python -m zaremba_jax.main`."""
+  app.run(main_one_line_errors, flags_parser=parse_flags)
+
+
 if __name__ == "__main__":
-  app.run(run)
+  run()
