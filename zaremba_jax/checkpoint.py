@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from zaremba_jax import config as config_lib
 from zaremba_jax import model as model_lib
@@ -212,6 +213,39 @@ class Checkpointer:
       manager.wait_until_finished()
       manager.close()
     self._managers = {}
+
+
+def saved_config(workdir: str) -> dict | None:
+  """The config (as saved, a dict) of the newest readable checkpoint in `workdir`, or None.
+
+  Reads without writing anything (Orbax's read-only mode: no folder made, no temporary folder
+  cleaned up), so it is safe beside a run that is still saving there.
+  """
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Orbax warns that the folder is read only: we asked for it
+  try:
+    return _newest_config(workdir, options)
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+def _newest_config(workdir, options):
+  for kind in (LATEST, BEST):
+    path = os.path.join(os.path.abspath(workdir), kind)
+    if not os.path.isdir(path):
+      continue
+    manager = ocp.CheckpointManager(path, options=options)
+    try:
+      for step in sorted(manager.all_steps(), reverse=True):
+        try:
+          meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+          return meta["config"]
+        except Exception:  # pylint: disable=broad-except
+          continue  # half written, or removed since it was listed: an older one will do
+    finally:
+      manager.close()
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
