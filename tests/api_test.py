@@ -128,11 +128,14 @@ class ApiTest(absltest.TestCase):
     step = stopped["records"][0]["step"]
     self.assertIn(f"stopped by the callback: saved step {step}", out.getvalue())
 
-  def test_progress_false_prints_nothing(self):
+  def test_progress_false_prints_nothing_and_a_late_stop_finds_the_run_done(self):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-      api.train(self.config.replace(max_train_steps=3), None, self.data, progress=False)
+      result = api.train(self.config.replace(max_train_steps=3), None, self.data, progress=False,
+                         callback=lambda r: r["split"] == "test")
     self.assertEqual(out.getvalue(), "")
+    self.assertIsNone(result["stopped"])
+    self.assertIn("test", result)
 
   def test_load_and_evaluate_read_the_best_checkpoint(self):
     valid = {r["step"]: r["perplexity"] for r in self.result["records"] if r["split"] == "valid"}

@@ -95,7 +95,8 @@ def train(config: Config, workdir: str | None = None, data_dir: str | None = Non
     data_dir: PTB's folder (None: $ZAREMBA_JAX_DATA, else the download cache).
     callback: called with every metrics record (a dict: each progress line's, each validation and
       test result's, as written to metrics.jsonl). Returning True, or raising StopTraining, stops the
-      run after the current call of train steps, with a checkpoint saved as on SIGTERM.
+      run after the current call of train steps, with a checkpoint saved as on SIGTERM (once
+      training is over, at the final validation or test, there is nothing left to stop).
     progress: print the progress lines (and a tqdm bar for the epoch on a terminal or in a
       notebook, where tqdm is installed); False prints nothing.
     restart: discard the workdir's checkpoints and metrics first.
@@ -123,7 +124,9 @@ def train(config: Config, workdir: str | None = None, data_dir: str | None = Non
     reporter.close_bar()
     if quiet:
       stream.close()
-  return {**(result or {}), "records": list(reporter.records), "stopped": stopper.reason}
+  # A stop asked for after the last train step (at the test result, say) finds the run done.
+  stopped = stopper.reason if result is None else None
+  return {**(result or {}), "records": list(reporter.records), "stopped": stopped}
 
 
 def load(workdir: str, step: int | None = None) -> Trained:
