@@ -2,6 +2,7 @@
 
 import io
 import sys
+import types
 from unittest import mock
 
 from absl.testing import absltest
@@ -75,6 +76,23 @@ class ProgressBarTest(absltest.TestCase):
     with mock.patch.dict(sys.modules, {"tqdm.auto": None}):  # import tqdm.auto fails
       text, _ = self.report(FakeTty())
     self.assertEqual(text, plain)
+
+  def test_a_notebook_without_ipywidgets_gets_the_lines_alone(self):
+    # tqdm.auto would fall back to a text bar there, its frames piling up in the cell's output.
+    plain, _ = self.report(io.StringIO())
+    fake_kernel = {"ipykernel.zmqshell": types.ModuleType("ipykernel.zmqshell")}
+    with mock.patch.dict(sys.modules, fake_kernel), mock.patch("tqdm.notebook.IProgress", None):
+      self.assertIsNone(reporting._tqdm_class())  # pylint: disable=protected-access
+      text, _ = self.report(io.StringIO(), bar=True)
+    self.assertEqual(text, plain)
+
+  def test_a_process_that_imported_ipykernel_is_not_a_kernel(self):
+    # jupyter_client imports ipykernel to find kernelspecs (the notebook tests do, in pytest's process).
+    with mock.patch.dict(sys.modules, {"ipykernel": types.ModuleType("ipykernel")}):
+      sys.modules.pop("ipykernel.zmqshell", None)
+      self.assertFalse(reporting.in_jupyter_kernel())
+    with mock.patch.dict(sys.modules, {"ipykernel.zmqshell": types.ModuleType("ipykernel.zmqshell")}):
+      self.assertTrue(reporting.in_jupyter_kernel())
 
   def test_on_record_sees_each_record_once_as_written(self):
     seen = []

@@ -79,7 +79,7 @@ class _Stopper:
 
 
 def _in_notebook() -> bool:
-  return "ipykernel" in sys.modules
+  return reporting.in_jupyter_kernel()
 
 
 def train(config: Config, workdir: str | None = None, data_dir: str | None = None,
@@ -98,7 +98,7 @@ def train(config: Config, workdir: str | None = None, data_dir: str | None = Non
       run after the current call of train steps, with a checkpoint saved as on SIGTERM (once
       training is over, at the final validation or test, there is nothing left to stop).
     progress: print the progress lines (and a tqdm bar for the epoch on a terminal or in a
-      notebook, where tqdm is installed); False prints nothing.
+      notebook with ipywidgets, where tqdm is installed); False prints nothing.
     restart: discard the workdir's checkpoints and metrics first.
 
   Returns:

@@ -186,9 +186,25 @@ def _isatty(stream) -> bool:
     return False
 
 
+def in_jupyter_kernel() -> bool:
+  """Whether this process is a Jupyter kernel (a notebook's), as tqdm.auto tells one.
+
+  Not merely whether ipykernel was imported: jupyter_client imports it to find kernelspecs.
+  """
+  return "ipykernel.zmqshell" in sys.modules
+
+
 def _tqdm_class():
-  """tqdm's bar class (a widget in a notebook, text on a terminal), or None without tqdm."""
+  """tqdm's bar class (a widget in a notebook, text on a terminal), or None without tqdm.
+
+  Also None in a notebook without ipywidgets: there tqdm.auto falls back to a text bar, whose every
+  frame would pile up in the cell's output (saved with the notebook) between the progress lines.
+  """
   try:
+    if in_jupyter_kernel():
+      from tqdm.notebook import IProgress  # pylint: disable=import-outside-toplevel
+      if IProgress is None:  # no ipywidgets
+        return None
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
   except ImportError:
     return None
