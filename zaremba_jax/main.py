@@ -49,8 +49,8 @@ flags.DEFINE_integer("max_train_steps", _DEFAULTS.max_train_steps, "Stop after t
 flags.DEFINE_enum("dtype", _DEFAULTS.dtype, config_lib.DTYPES, "Matmul input type; bfloat16 is"
                   " faster where the hardware has it (parameters and state stay float32).")
 flags.DEFINE_enum("kernels", _DEFAULTS.kernels, config_lib.KERNELS, "fast: the tuned kernels;"
-                  " reference: the paper's equations under autodiff (same numbers within float"
-                  " tolerance, slower).")
+                  " reference: the paper's equations under autodiff (each step's numbers within"
+                  " float tolerance, slower).")
 flags.DEFINE_integer("members", _DEFAULTS.members, "Models trained together, member i with seed"
                      " --seed+i, all on the same data; evaluation reports each and their average"
                      " (the mean of their next-token probabilities).", lower_bound=1)
