@@ -77,11 +77,15 @@ class FlagsTest(parameterized.TestCase):
       config_lib.Config(hidden_size=0)
 
   def test_command_line_error_is_one_clear_line(self):
-    run = subprocess.run([sys.executable, "-m", "zaremba_jax.main", "--dropout=1.5"],
-                         cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
-    self.assertNotEqual(run.returncode, 0)
-    self.assertIn("dropout", run.stderr)
-    self.assertNotIn("Traceback", run.stderr)
+    for arg, name in (("--dropout=1.5", "dropout"), ("--members=0", "members"),
+                      ("--no_such_flag=1", "no_such_flag")):
+      run = subprocess.run([sys.executable, "-m", "zaremba_jax.main", arg],
+                           cwd=helpers.REPO, capture_output=True, text=True, timeout=120)
+      self.assertEqual(run.returncode, 1, arg)
+      lines = run.stderr.strip().splitlines()
+      self.assertLen(lines, 1, f"{arg}: {run.stderr}")
+      self.assertTrue(lines[0].startswith("error: "), lines[0])
+      self.assertIn(name, lines[0])
 
 
 if __name__ == "__main__":

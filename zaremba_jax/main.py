@@ -128,13 +128,13 @@ def expand_presets(argv: list[str]) -> list[str]:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """app.run's flag parser: expands --preset, then absl's parse (errors: one line, exit 1)."""
+  """app.run's flag parser: expands --preset, then absl's parse. A bad flag or preset is one line
+  on stderr and exit status 1 (absl adds a second line pointing at --helpshort)."""
   try:
-    argv = expand_presets(argv)
-  except ValueError as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {e}\n")
+    return FLAGS(expand_presets(argv))
+  except (ValueError, flags.Error) as e:
+    sys.stderr.write(f"error: {e}\n")
     sys.exit(1)
-  return app.parse_flags_with_usage(argv)
 
 
 class StopOnSignal:
