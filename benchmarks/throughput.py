@@ -361,21 +361,27 @@ def bench_preset(name, args):
           "test_tokens": systems[0].test_words, "systems": rows}
 
 
+# Each system is compared with PyTorch in the same precision: float32 with float32, our bfloat16
+# with PyTorch's bfloat16 autocast.
+SAME_PRECISION = {"jax float32": "torch float32", "jax bfloat16": "torch bf16 autocast"}
+
+
 def print_table(results, out=sys.stdout):
-  head = (f"{'preset':<11} {'system':<20} {'train w/s':>10} {'x torch32':>9} {'eval w/s':>10}"
-          f" {'test b=1 w/s':>12} {'x torch32':>9} {'compile s':>9} {'peak MiB':>9}")
+  """Words/s of each system, and ours as a multiple of PyTorch's in the same precision."""
+  head = (f"{'preset':<11} {'system':<20} {'train w/s':>10} {'x torch':>7} {'eval w/s':>10}"
+          f" {'x torch':>7} {'test b=1 w/s':>12} {'x torch':>7} {'compile s':>9} {'peak MiB':>9}")
   print(head, file=out)
   print("-" * len(head), file=out)
   for result in results:
     rows = result["systems"]
-    ref = rows.get("torch float32")
     for name, row in rows.items():
-      ratio = f"{row['train_wps'] / ref['train_wps']:.2f}x" if ref else "-"
-      test_ratio = f"{row['test_wps'] / ref['test_wps']:.2f}x" if ref else "-"
+      ref = rows.get(SAME_PRECISION.get(name))
+      ratio = {key: f"{row[key] / ref[key]:.2f}x" if ref else "-"
+               for key in ("train_wps", "eval_wps", "test_wps")}
       peak = f"{row['peak_bytes'] / 2**20:.0f}" if row.get("peak_bytes") else "-"
-      print(f"{result['preset']:<11} {name:<20} {row['train_wps']:>10.0f} {ratio:>9}"
-            f" {row['eval_wps']:>10.0f} {row['test_wps']:>12.0f} {test_ratio:>9}"
-            f" {row['compile_s']:>9.2f} {peak:>9}", file=out)
+      print(f"{result['preset']:<11} {name:<20} {row['train_wps']:>10.0f} {ratio['train_wps']:>7}"
+            f" {row['eval_wps']:>10.0f} {ratio['eval_wps']:>7} {row['test_wps']:>12.0f}"
+            f" {ratio['test_wps']:>7} {row['compile_s']:>9.2f} {peak:>9}", file=out)
 
 
 def main():

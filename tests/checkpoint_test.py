@@ -149,6 +149,21 @@ class ResumeTest(absltest.TestCase):
     self.assertEqual(result["valid"], trained["valid"])
     self.assertEqual(result["test"], trained["test"])
 
+  def test_evaluate_in_another_dtype(self):
+    # The straight run trained in float32; evaluating it in bfloat16 rounds the products' inputs:
+    # close to the float32 numbers, not equal to them.
+    reporter = reporting.Reporter(None, io.StringIO())
+    want = loop.evaluate_checkpoint(self.straight_dir, self.data, step=140, reporter=reporter)
+    out = io.StringIO()
+    got = loop.evaluate_checkpoint(self.straight_dir, self.data, step=140, dtype="bfloat16",
+                                   reporter=reporting.Reporter(None, out))
+    self.assertIn("in bfloat16", out.getvalue())
+    self.assertNotEqual((got["valid"], got["test"]), (want["valid"], want["test"]))
+    for split in ("valid", "test"):
+      self.assertAlmostEqual(got[split] / want[split], 1.0, delta=0.01)
+    trained = checkpoint_lib.load_trained(self.straight_dir, say=lambda _: None, dtype="bfloat16")
+    self.assertEqual((trained.config.dtype, trained.model.plan.dtype), ("bfloat16", "bfloat16"))
+
   def test_evaluate_loads_the_best_checkpoint_and_names_its_epoch(self):
     workdir = self.copy_of_stopped_at_90()
     # Epoch 2 at a learning rate that wrecks the model validates far worse than epoch 1, so the

@@ -122,9 +122,11 @@ class SoftmaxNLLTest(parameterized.TestCase):
     return lambda x, w, b: (fn(x, w, b, self.targets, plan) * self.probe).sum()
 
   @parameterized.product(dtype=("float32", "bfloat16"), fold=(False, True),
-                         gather=(False, True))
-  def test_fast_matches_reference(self, dtype, fold, gather):
-    plan = kernels.Plan(dtype=dtype, fold_output_bias=fold, weight_grads_via_gather=gather)
+                         gather=(False, True), rows=(0, 5))
+  def test_fast_matches_reference(self, dtype, fold, gather, rows):
+    # rows=5: 12 rows in blocks of 5, the last block padded.
+    plan = kernels.Plan(dtype=dtype, fold_output_bias=fold, weight_grads_via_gather=gather,
+                        output_rows_per_block=rows)
     args = (self.x, self.w, self.b)
     want_value, want = jax.value_and_grad(self.loss(reference.softmax_nll, reference_plan(dtype)),
                                           argnums=(0, 1, 2))(*args)
@@ -224,6 +226,15 @@ class PlanTest(parameterized.TestCase):
                                         weight_grads_via_gather=True,
                                         factors_in_forward_loop=True, members_one_by_one=True))
 
+  def test_output_in_row_blocks_only_where_it_paid(self):
+    def rows(dtype, hidden, vocab=10000):
+      return plan_lib.resolve(dtype=dtype, batch_size=20, vocab_size=vocab, stream_tokens=700,
+                              hidden_size=hidden, backend="cpu").output_rows_per_block
+    self.assertEqual(rows("bfloat16", 200), plan_lib.OUTPUT_BLOCK_ROWS)  # small: 4 MB
+    self.assertEqual(rows("bfloat16", 650), 0)  # medium: 13 MB
+    self.assertEqual(rows("float32", 200), 0)
+    self.assertEqual(rows("bfloat16", 200, vocab=50), 0)  # characters: nothing to gain
+
   def test_members_side_by_side_over_several_cpu_devices(self):
     plan = plan_lib.resolve(batch_size=20, vocab_size=10000, stream_tokens=400, backend="cpu",
                             num_devices=4)
@@ -233,6 +244,15 @@ class PlanTest(parameterized.TestCase):
     plan = plan_lib.resolve(batch_size=1, vocab_size=10000, stream_tokens=82430, backend="cpu")
     self.assertTrue(plan.batch1_as_vector)
     self.assertTrue(plan.first_layer_per_vocab_row)
+    self.assertTrue(plan.recurrent_product_transposed)  # W^T h: one transposition, many steps
+
+  @parameterized.parameters("float32", "bfloat16")
+  def test_cpu_one_token_at_a_time(self, dtype):
+    # serve, query and sample: a transposition per call would cost more than its product saves.
+    plan = plan_lib.resolve(dtype=dtype, batch_size=1, vocab_size=50, stream_tokens=1,
+                            backend="cpu")
+    self.assertTrue(plan.batch1_as_vector)
+    self.assertFalse(plan.recurrent_product_transposed)
 
   @parameterized.parameters("gpu", "tpu")
   def test_accelerators_take_the_plain_forms(self, backend):

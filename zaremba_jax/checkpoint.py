@@ -261,10 +261,12 @@ class Trained:
   path: str
 
 
-def load_trained(workdir: str, step: int | None = None, say=print) -> Trained:
+def load_trained(workdir: str, step: int | None = None, say=print,
+                 dtype: str | None = None) -> Trained:
   """Loads the best checkpoint in `workdir` (the latest if none is marked best), or `step`.
 
-  The model's flags and vocabulary come from the checkpoint itself.
+  The model's flags and vocabulary come from the checkpoint itself; `dtype`, if given, replaces
+  its matmul dtype (the parameters are float32 either way).
 
   Raises:
     CheckpointError: there is no such checkpoint, or none is readable.
@@ -286,6 +288,8 @@ def load_trained(workdir: str, step: int | None = None, say=print) -> Trained:
 
     def build_target(meta):
       config = config_lib.Config(**meta["config"])
+      if dtype is not None:
+        config = config.replace(dtype=dtype)
       model = model_lib.make_model(config, len(meta["vocab"]))
       holder.update(config=config, model=model)
       return train_lib.abstract_train_state(config, model, train_lib.make_optimizer(config, 1))

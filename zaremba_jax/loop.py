@@ -401,7 +401,7 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
 
 def evaluate_checkpoint(workdir: str, data_dir: str | None, step: int | None = None,
                         reporter: reporting.Reporter | None = None,
-                        ensemble_sizes: tuple[int, ...] = ()) -> dict:
+                        ensemble_sizes: tuple[int, ...] = (), dtype: str | None = None) -> dict:
   """Evaluates the best checkpoint in `workdir` (or the one at `step`) on valid and test.
 
   `workdir` may name several runs, comma-separated ("runs/a,runs/b"): their members are averaged
@@ -415,6 +415,7 @@ def evaluate_checkpoint(workdir: str, data_dir: str | None, step: int | None = N
     step: this checkpoint instead of the best (one run only).
     reporter: where results go (default: stdout, and the run's metrics.jsonl for one run).
     ensemble_sizes: also report the average of the first k members for each k given.
+    dtype: the matmul dtype to evaluate in, instead of each checkpoint's own.
 
   Returns:
     {'valid', 'test': the ensemble's headline numbers, 'step': the checkpoint's step (one run)}.
@@ -424,7 +425,7 @@ def evaluate_checkpoint(workdir: str, data_dir: str | None, step: int | None = N
     raise checkpoint_lib.CheckpointError("--checkpoint_step picks a checkpoint of one run; leave"
                                          " it out to average the best checkpoints of several")
   reporter = reporter or reporting.Reporter(workdirs[0] if len(workdirs) == 1 else None)
-  runs = [checkpoint_lib.load_trained(w, step, say=reporter.say) for w in workdirs]
+  runs = [checkpoint_lib.load_trained(w, step, say=reporter.say, dtype=dtype) for w in workdirs]
   first = runs[0]
   for name, trained in zip(workdirs[1:], runs[1:]):
     if trained.config.level != first.config.level or trained.vocab != first.vocab:
@@ -437,7 +438,7 @@ def evaluate_checkpoint(workdir: str, data_dir: str | None, step: int | None = N
   corpus = load_corpus(config, data_dir)
   for trained in runs:
     checkpoint_lib.check_vocab(corpus.vocab, trained.vocab, "")
-  reporter.say(f"evaluating {', '.join(t.path for t in runs)}")
+  reporter.say(f"evaluating {', '.join(t.path for t in runs)} in {config.dtype}")
   evaluators = [Evaluator(config, corpus, t.model) for t in runs]
   members = sum(jax.tree.leaves(t.params)[0].shape[0] for t in runs)
   epoch = first.epoch if len(runs) == 1 else 0

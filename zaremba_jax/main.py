@@ -47,7 +47,8 @@ flags.DEFINE_integer("seed", _DEFAULTS.seed, "Seed of every PRNG key.")
 flags.DEFINE_integer("max_train_steps", _DEFAULTS.max_train_steps, "Stop after this many steps"
                      " (0: no cap); for smoke runs.", lower_bound=0)
 flags.DEFINE_enum("dtype", _DEFAULTS.dtype, config_lib.DTYPES, "Matmul input type; bfloat16 is"
-                  " faster where the hardware has it (parameters and state stay float32).")
+                  " faster where the hardware has it (parameters and state stay float32). Given"
+                  " with --mode=evaluate, query, serve or sample, it overrides the checkpoint's.")
 flags.DEFINE_enum("kernels", _DEFAULTS.kernels, config_lib.KERNELS, "fast: the tuned kernels;"
                   " reference: the paper's equations under autodiff (each step's numbers within"
                   " float tolerance, slower).")
@@ -180,7 +181,8 @@ def main(argv):
                               stop_requested=StopOnSignal())
     elif config.mode == "evaluate":
       loop.evaluate_checkpoint(FLAGS.workdir, FLAGS.data_dir, FLAGS.checkpoint_step,
-                               ensemble_sizes=tuple(int(k) for k in FLAGS.ensemble_sizes))
+                               ensemble_sizes=tuple(int(k) for k in FLAGS.ensemble_sizes),
+                               dtype=dtype_override())
     else:
       return generate(config.mode)
   except (data_lib.DataError, checkpoint_lib.CheckpointError, loop.ResumeError,
@@ -190,12 +192,18 @@ def main(argv):
   return 0
 
 
+def dtype_override() -> str | None:
+  """--dtype if given on the command line: a checkpoint is otherwise used in its own dtype."""
+  return FLAGS.dtype if FLAGS["dtype"].present else None
+
+
 def generate(mode: str) -> int:
   """query, serve, sample: load the best checkpoint and talk on stdin/stdout."""
   from zaremba_jax import checkpoint as checkpoint_lib
   from zaremba_jax import sample
   say = lambda line: print(line, file=sys.stderr, flush=True)
-  trained = checkpoint_lib.load_trained(FLAGS.workdir, FLAGS.checkpoint_step, say=say)
+  trained = checkpoint_lib.load_trained(FLAGS.workdir, FLAGS.checkpoint_step, say=say,
+                                        dtype=dtype_override())
   if mode == "query":
     if trained.config.level != "word":
       raise app.UsageError("--mode=query completes sentences with a word-level model; this"

@@ -159,7 +159,8 @@ def make_model(config, vocab_size: int, *, batch_size: int | None = None,
   batch_size = batch_size or config.batch_size
   plan = kernels.resolve(kernels=config.kernels, dtype=config.dtype, batch_size=batch_size,
                          vocab_size=vocab_size,
-                         stream_tokens=stream_tokens or batch_size * config.num_steps)
+                         stream_tokens=stream_tokens or batch_size * config.num_steps,
+                         hidden_size=config.hidden_size)
   return LanguageModel(vocab_size=vocab_size, hidden_size=config.hidden_size,
                        num_layers=config.num_layers, dropout=config.dropout,
                        init_scale=config.init_scale, plan=plan)
@@ -169,4 +170,5 @@ def planned_for(model: LanguageModel, batch_size: int, stream_tokens: int) -> La
   """`model` with its kernels planned for another use (a validation or test stream, generation)."""
   return model.clone(plan=model.plan.resolved_for(batch_size=batch_size,
                                                   vocab_size=model.vocab_size,
-                                                  stream_tokens=stream_tokens))
+                                                  stream_tokens=stream_tokens,
+                                                  hidden_size=model.hidden_size))

@@ -19,14 +19,30 @@ def softmax_nll(x_NxH, w_HxV, b_V, targets_N, plan):
   """-log softmax(x W + b)[target] per row (nll_N), without keeping the logits around.
 
   Outside a gradient (evaluation), with `plan.fold_output_bias` the bias rides in the product
-  as one more row of W against a column of ones.
+  as one more row of W against a column of ones, and with `plan.output_rows_per_block` the rows
+  go through in blocks whose logits stay in cache.
   """
-  if not plan.fold_output_bias:
+  if not (plan.fold_output_bias or plan.output_rows_per_block):
     return _softmax_nll_fwd(x_NxH, w_HxV, b_V, targets_N, plan)[0]
-  ones_Nx1 = jnp.ones((x_NxH.shape[0], 1), x_NxH.dtype)
-  logits_NxV = matmul.matmul(jnp.concatenate([x_NxH, ones_Nx1], axis=1),
-                             jnp.concatenate([w_HxV, b_V[None]], axis=0), plan.dtype)
-  return _nll_from_logits(logits_NxV, targets_N)[0]
+  if plan.fold_output_bias:
+    w_HxV = jnp.concatenate([w_HxV, b_V[None]], axis=0)
+  w_HxV = w_HxV.astype(plan.dtype)  # cast once, not per block
+
+  def nll(x_RxH, targets_R):
+    if not plan.fold_output_bias:
+      return _nll_from_logits(matmul.matmul(x_RxH, w_HxV, plan.dtype) + b_V, targets_R)[0]
+    ones_Rx1 = jnp.ones((x_RxH.shape[0], 1), x_RxH.dtype)
+    logits_RxV = matmul.matmul(jnp.concatenate([x_RxH, ones_Rx1], axis=1), w_HxV, plan.dtype)
+    return _nll_from_logits(logits_RxV, targets_R)[0]
+
+  rows = plan.output_rows_per_block
+  if not rows:
+    return nll(x_NxH, targets_N)
+  n = x_NxH.shape[0]
+  pad = -n % rows  # padded rows (target 0) are dropped below
+  x_MxRxH = jnp.pad(x_NxH, ((0, pad), (0, 0))).reshape(-1, rows, x_NxH.shape[1])
+  targets_MxR = jnp.pad(targets_N, (0, pad)).reshape(-1, rows)
+  return jax.lax.map(lambda block: nll(*block), (x_MxRxH, targets_MxR)).reshape(-1)[:n]
 
 
 def _nll_from_logits(logits_NxV, targets_N):
