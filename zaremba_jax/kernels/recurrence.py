@@ -46,9 +46,12 @@ def _forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, emit=None):
   dtype = plan.dtype
   scale_4H = _gate_scale(w_hh_Hx4H.shape[0])
   offset_4H = 0.5 - 0.5 * (scale_4H == 1.0)  # 0.5 for i, f, o; 0 for g
-  w = (w_hh_Hx4H * scale_4H).astype(dtype)  # cast once, outside the loop
-  xw_TxBx4H = xw_TxBx4H * scale_4H
   vector = plan.batch1_as_vector and emit is None and h_BxH.shape[0] == 1
+  # A vector's step scales its product (4H numbers) rather than the weights (H x 4H, once per
+  # call, which for one token at a time is once per token); scaling by 0.5 is exact either way.
+  scale_product = vector and not plan.recurrent_product_transposed
+  w = (w_hh_Hx4H if scale_product else w_hh_Hx4H * scale_4H).astype(dtype)  # cast once
+  xw_TxBx4H = xw_TxBx4H * scale_4H
   transposed = plan.recurrent_product_transposed
   if transposed:
     w = w.T  # [4H, H]
@@ -59,6 +62,8 @@ def _forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, emit=None):
       hw = matmul.dot(w, h_prev, (1, 0), dtype)
     else:
       hw = matmul.dot(h_prev, w, (h_prev.ndim - 1, 1 if transposed else 0), dtype)
+    if scale_product:
+      hw = hw * scale_4H
     act = jnp.tanh(xw_Bx4H + hw) * scale_4H + offset_4H
     i, f, o, g = jnp.split(act, 4, axis=-1)
     c = f * c_prev + i * g
