@@ -23,29 +23,25 @@ from zaremba_jax import model as model_lib
 from zaremba_jax import train as train_lib
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--data_dir", required=True)
-  args = parser.parse_args()
-  flags.FLAGS.mark_as_parsed()
-  trained = checkpoint_lib.load_trained(args.workdir, say=lambda _: None)
+def protocols(workdir: str, data_dir: str) -> dict:
+  """{protocol: the first member's validation perplexity} for the checkpoint in `workdir`."""
+  trained = checkpoint_lib.load_trained(workdir, say=lambda _: None)
   params = jax.tree.map(lambda x: x[:1], trained.params)  # the first member
-  config, corpus = trained.config, loop.load_corpus(trained.config, args.data_dir)
+  config, corpus = trained.config, loop.load_corpus(trained.config, data_dir)
   evaluator = loop.Evaluator(config, corpus, trained.model)
   result = evaluator(params, "valid", tokens=True)
   nll_P, mask_P = result["token_nll"][0], result["mask"] > 0
   inputs_NxBxT, targets_NxBxT, weights_NxBxT = evaluator.windows["valid"]
   targets_P = np.asarray(targets_NxBxT).reshape(-1)
   ppl = lambda keep_P: math.exp(nll_P[keep_P].sum() / keep_P.sum())
-  print(f"{args.workdir}: validation perplexity of the first member")
-  print(f"carried state, batch {config.batch_size} (ours): {ppl(mask_P):.2f}")
+  out = {f"carried state, batch {config.batch_size} (ours)": ppl(mask_P)}
   for token in ("<eos>", "<unk>"):
     if token in corpus.vocab:
-      print(f"  without {token} targets: {ppl(mask_P & (targets_P != corpus.vocab.index(token))):.2f}")
+      keep_P = mask_P & (targets_P != corpus.vocab.index(token))
+      out[f"  without {token} targets"] = ppl(keep_P)
   shape = np.asarray(inputs_NxBxT).shape
   window_nll_N = nll_P.reshape(shape).sum(axis=(1, 2)) / np.asarray(weights_NxBxT).sum(axis=(1, 2))
-  print(f"  mean of per-window perplexities: {np.mean(np.exp(window_nll_N)):.2f}")
+  out["  mean of per-window perplexities"] = float(np.mean(np.exp(window_nll_N)))
   # Each window alone, from a zero state.
   one_window = train_lib.jit_evaluate_members(
       model_lib.planned_for(trained.model, shape[1], shape[1] * shape[2]))
@@ -53,13 +49,25 @@ def main():
   for k in range(shape[0]):
     member_nll_K, _, n = one_window(params, *(a[k:k + 1] for a in evaluator.windows["valid"]))
     total, count = total + float(member_nll_K[0]), count + float(n)
-  print(f"state reset every {shape[2]}-step window, batch {shape[1]}: {math.exp(total / count):.2f}")
+  out[f"state reset every {shape[2]}-step window, batch {shape[1]}"] = math.exp(total / count)
   train_windows = data_lib.eval_windows(
       data_lib.batchify(corpus.train[:len(corpus.valid)], config.batch_size), config.num_steps)
   planned = model_lib.planned_for(trained.model, config.batch_size, train_windows[0].size)
   member_nll_K, _, n = train_lib.jit_evaluate_members(planned)(params, *train_windows)
-  print(f"training text (its first {len(corpus.valid)} tokens), carried state:"
-        f" {math.exp(float(member_nll_K[0]) / float(n)):.2f}")
+  out[f"training text (its first {len(corpus.valid)} tokens), carried state"] = math.exp(
+      float(member_nll_K[0]) / float(n))
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--data_dir", required=True)
+  args = parser.parse_args()
+  flags.FLAGS.mark_as_parsed()
+  print(f"{args.workdir}: validation perplexity of the first member")
+  for name, value in protocols(args.workdir, args.data_dir).items():
+    print(f"{name}: {value:.2f}")
 
 
 if __name__ == "__main__":
