@@ -22,8 +22,6 @@ def softmax_nll(x_NxH, w_HxV, b_V, targets_N, plan):
   as one more row of W against a column of ones, and with `plan.output_rows_per_block` the rows
   go through in blocks whose logits stay in cache.
   """
-  if not (plan.fold_output_bias or plan.output_rows_per_block):
-    return _softmax_nll_fwd(x_NxH, w_HxV, b_V, targets_N, plan)[0]
   if plan.fold_output_bias:
     w_HxV = jnp.concatenate([w_HxV, b_V[None]], axis=0)
   w_HxV = w_HxV.astype(plan.dtype)  # cast once, not per block
