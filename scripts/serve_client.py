@@ -36,6 +36,7 @@ def main():
   parser.add_argument("--split", default="test")
   parser.add_argument("--limit", type=int, default=0, help="feed only this many tokens (0: all)")
   parser.add_argument("--latency_tokens", type=int, default=1000)
+  parser.add_argument("--dtype", default="", help="serve in this dtype (default: the checkpoint's)")
   args = parser.parse_args()
 
   train = char_stream(os.path.join(args.data_dir, "ptb.train.txt"))
@@ -46,7 +47,8 @@ def main():
     tokens = tokens[: args.limit]
 
   proc = subprocess.Popen([sys.executable, "-m", "zaremba_jax.main", "--mode=serve",
-                           f"--workdir={args.workdir}"], stdin=subprocess.PIPE,
+                           f"--workdir={args.workdir}",
+                           *([f"--dtype={args.dtype}"] if args.dtype else [])], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
   started = time.time()
   first = proc.stdout.readline()

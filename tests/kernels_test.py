@@ -17,6 +17,7 @@ from zaremba_jax import kernels
 from zaremba_jax import model as model_lib
 from zaremba_jax import train as train_lib
 from zaremba_jax.kernels import matmul
+from zaremba_jax.kernels import native
 from zaremba_jax.kernels import plan as plan_lib
 from zaremba_jax.kernels import recurrence
 from zaremba_jax.kernels import reference
@@ -39,11 +40,14 @@ def assert_close(got, want, dtype, err_msg):
 
 
 def recurrence_plans(dtype):
-  """Every combination of the recurrence's forms."""
-  for in_loop, transposed, vector in itertools.product((True, False), repeat=3):
+  """Every combination of the recurrence's forms (the native products where they run)."""
+  natives = (False, True) if dtype == "bfloat16" and native.available() else (False,)
+  for in_loop, transposed, vector, native_products in itertools.product(
+      (True, False), (True, False), (True, False), natives):
     yield kernels.Plan(dtype=dtype, factors_in_forward_loop=in_loop,
                        recurrent_product_transposed=transposed, batch1_as_vector=vector,
-                       weight_grads_via_gather=transposed)
+                       weight_grads_via_gather=transposed,
+                       native_bf16_vector_products=native_products)
 
 
 class RecurrenceTest(parameterized.TestCase):
@@ -209,6 +213,73 @@ class MatmulTest(parameterized.TestCase):
     self.assertIn("rhs_contracting_dims={1}", dot_computation[0])
 
 
+class NativeProductsTest(parameterized.TestCase):
+  """The native bfloat16 matrix-vector products against XLA's bfloat16 dot."""
+
+  def setUp(self):
+    super().setUp()
+    if not native.available():
+      self.skipTest(f"native products unavailable here: {native.unavailable_reason()}")
+
+  # Shapes off every block size of the kernels (4 rows, 32 lanes; 128 and 16 columns), and the
+  # medium model's W_hh, which is split over threads.
+  @parameterized.parameters((5, 3), (37, 11), (803, 201), (2600, 650))
+  def test_both_products_equal_xla_bfloat16_dot(self, n, k):
+    rng = np.random.default_rng(n)
+    w_NxK = jnp.asarray(rng.normal(size=(n, k)), jnp.bfloat16)
+    h_K = jnp.asarray(rng.normal(size=(k,)), jnp.float32)
+    want = matmul.dot(w_NxK, h_K, (1, 0), "bfloat16")
+    # Exact products, float32 sums in another order: close to float32's rounding of the sum.
+    bound = 1e-6 * float(jnp.abs(w_NxK.astype(jnp.float32)).sum(axis=1).max()) * np.sqrt(k)
+    np.testing.assert_allclose(jax.jit(native.matvec)(w_NxK, h_K), want, rtol=0, atol=bound)
+    np.testing.assert_allclose(jax.jit(native.vecmat)(h_K, w_NxK.T), want, rtol=0, atol=bound)
+
+  def test_h_is_rounded_to_bfloat16_as_xla_does(self):
+    # 1 + 2**-9 is not a bfloat16; round to nearest even makes it 1. Kept as float32, the sum
+    # of 64 of them would be 64.125.
+    w = jnp.ones((4, 64), jnp.bfloat16)
+    h = jnp.full((64,), 1 + 2.0**-9, jnp.float32)
+    np.testing.assert_array_equal(native.matvec(w, h), matmul.dot(w, h, (1, 0), "bfloat16"))
+    np.testing.assert_array_equal(native.vecmat(h, w.T), np.full(4, 64.0, np.float32))
+
+  def test_under_vmap_each_member_gets_its_own_product(self):
+    rng = np.random.default_rng(0)
+    w_KxNxM = jnp.asarray(rng.normal(size=(3, 260, 40)), jnp.bfloat16)
+    h_KxM = jnp.asarray(rng.normal(size=(3, 40)), jnp.float32)
+    got = jax.jit(jax.vmap(native.matvec))(w_KxNxM, h_KxM)
+    for member in range(3):
+      np.testing.assert_allclose(got[member], native.matvec(w_KxNxM[member], h_KxM[member]))
+
+  def test_gradients_are_those_of_the_product(self):
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.normal(size=(24, 9)), jnp.float32)
+    h = jnp.asarray(rng.normal(size=(9,)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(24,)), jnp.float32)
+    want = jax.grad(lambda w, h: probe @ matmul.dot(w, h, (1, 0), "bfloat16"), (0, 1))(w, h)
+    for got in (jax.grad(lambda w, h: probe @ native.matvec(w, h), (0, 1))(w, h),
+                jax.grad(lambda w, h: probe @ native.vecmat(h, w.T), (0, 1))(w, h)):
+      assert_close(got[0], want[0], "bfloat16", "dW")
+      assert_close(got[1], want[1], "bfloat16", "dh")
+
+  def test_a_failed_build_falls_back_to_xla(self):
+    cache = self.create_tempdir().full_path
+    try:
+      with absltest.mock.patch.dict("os.environ", {"CXX": "/bin/false",
+                                                   "ZAREMBA_JAX_CACHE": cache}):
+        native._load.cache_clear()
+        self.assertFalse(native.available())
+        self.assertIn("the build failed", native.unavailable_reason())
+        plan = plan_lib.resolve(dtype="bfloat16", batch_size=1, vocab_size=50,
+                                stream_tokens=1, backend="cpu")
+        self.assertFalse(plan.native_bf16_vector_products)
+      with absltest.mock.patch.dict("os.environ", {"ZAREMBA_JAX_NATIVE": "0"}):
+        native._load.cache_clear()
+        self.assertEqual(native.unavailable_reason(), "ZAREMBA_JAX_NATIVE=0")
+    finally:
+      native._load.cache_clear()
+    self.assertTrue(native.available())
+
+
 class PlanTest(parameterized.TestCase):
   """`resolve`: each choice on exactly where it was measured to pay."""
 
@@ -245,6 +316,13 @@ class PlanTest(parameterized.TestCase):
     self.assertTrue(plan.batch1_as_vector)
     self.assertTrue(plan.first_layer_per_vocab_row)
     self.assertTrue(plan.recurrent_product_transposed)  # W^T h: one transposition, many steps
+    self.assertFalse(plan.native_bf16_vector_products)  # float32: XLA's product
+
+  @parameterized.parameters(1, 20)
+  def test_cpu_bfloat16_vectors_take_the_native_products(self, batch):
+    plan = plan_lib.resolve(dtype="bfloat16", batch_size=batch, vocab_size=10000,
+                            stream_tokens=82430, backend="cpu")
+    self.assertEqual(plan.native_bf16_vector_products, batch == 1 and native.available())
 
   @parameterized.parameters("float32", "bfloat16")
   def test_cpu_one_token_at_a_time(self, dtype):

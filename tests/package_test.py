@@ -185,8 +185,10 @@ class InstalledPackageTest(absltest.TestCase):
     elsewhere.mkdir()
     check = self.run_in(elsewhere, [str(python), "-c", (
         "import zaremba_jax, zaremba_jax.config as c; print(zaremba_jax.__file__);"
-        " print(c.presets_folder()); print(c.preset('word200').num_steps, c.preset_names())")])
-    module_file, folder, word200 = check.stdout.strip().splitlines()
+        " print(c.presets_folder()); print(c.preset('word200').num_steps, c.preset_names());"
+        " from zaremba_jax.kernels import native; print(native.SOURCE.is_file())")])
+    module_file, folder, word200, native_source = check.stdout.strip().splitlines()
+    self.assertEqual(native_source, "True")  # the native kernels' source ships with the package
     self.assertTrue(module_file.startswith(str(venv)), module_file)
     self.assertTrue(folder.startswith(str(venv)), folder)
     self.assertEqual(word200, f"50 {tuple(sorted(PRESETS))}")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -65,11 +66,29 @@ class SampleTest(absltest.TestCase):
     self.assertIn("predicting 7 words, not 500", err)
 
   def test_serve_protocol_matches_evaluate(self):
+    self.assert_serve_matches_evaluate(self.char, dtype=None)
+
+  def test_bfloat16_serve_matches_bfloat16_evaluate(self):
+    # One token at a time (native products where they run) against the test stream's kernels.
+    char = checkpoint_lib.load_trained(self.char_dir, say=lambda _: None, dtype="bfloat16")
+    self.assert_serve_matches_evaluate(char, dtype="bfloat16")
+
+  def test_weights_cast_once_give_the_same_numbers(self):
+    word = checkpoint_lib.load_trained(self.word_dir, say=lambda _: None, dtype="bfloat16")
+    predictor = sample.Predictor(word)
+    self.assertEqual(predictor.params["lstm_0"]["w_hh"].dtype, jnp.bfloat16)
+    self.assertEqual(predictor.params["lstm_0"]["b"].dtype, jnp.float32)
+    tokens_1xT = np.array([[1, 2, 3]], np.int32)
+    got, _ = predictor._feed(predictor.params, tokens_1xT, predictor.start())
+    want, _ = predictor._feed(word.params, tokens_1xT, predictor.start())
+    np.testing.assert_array_equal(got, want)
+
+  def assert_serve_matches_evaluate(self, trained, dtype):
     corpus = data_lib.load_corpus(self.data, "char")
     tokens = [corpus.vocab[i] for i in corpus.test]
     stdin = io.StringIO("".join(t + "\n" for t in tokens))
     stdout, stderr = io.StringIO(), io.StringIO()
-    self.assertEqual(sample.run_serve(self.char, stdin, stdout, stderr), 0)
+    self.assertEqual(sample.run_serve(trained, stdin, stdout, stderr), 0)
     lines = stdout.getvalue().splitlines()
     self.assertEqual(lines[0], "OK GO")
     self.assertLen(lines, len(tokens) + 1)
@@ -82,7 +101,7 @@ class SampleTest(absltest.TestCase):
         nll -= logprobs[corpus.vocab.index(tokens[k + 1])]
     course = math.exp(5.6 * nll / (len(tokens) - 1))
     # The checkpoint served is the best by validation, not necessarily the last one trained.
-    evaluated = loop.evaluate_checkpoint(self.char_dir, self.data,
+    evaluated = loop.evaluate_checkpoint(self.char_dir, self.data, dtype=dtype,
                                          reporter=reporting.Reporter(None, io.StringIO()))
     self.assertAlmostEqual(course / evaluated["test"], 1.0, delta=1e-3)
     self.assertEqual(stderr.getvalue(), "")

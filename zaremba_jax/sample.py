@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zaremba_jax import data as data_lib
+from zaremba_jax import kernels
 from zaremba_jax import model as model_lib
 from zaremba_jax import train as train_lib
 
@@ -31,6 +32,7 @@ class Predictor:
     self.index = {token: i for i, token in enumerate(self.vocab)}
     model = model_lib.planned_for(trained.model, batch_size=1, stream_tokens=1)
     self._feed = jax.jit(functools.partial(_feed, model=model))
+    self.params = kernels.cast_weights(trained.params, model.plan)  # cast once, not per token
     members = jax.tree.leaves(trained.params)[0].shape[0]
     self.zero = model_lib.zero_state(model.num_layers, 1, model.hidden_size, members=members)
 
@@ -41,7 +43,7 @@ class Predictor:
   def feed(self, ids, carry):
     """Feeds token ids in order; returns (log-probabilities of the next token, new carry)."""
     tokens_1xT = np.asarray(ids, np.int32)[None, :]
-    logprobs_V, carry = self._feed(self.trained.params, tokens_1xT, carry)
+    logprobs_V, carry = self._feed(self.params, tokens_1xT, carry)
     return logprobs_V, carry
 
 

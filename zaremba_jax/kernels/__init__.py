@@ -4,11 +4,30 @@ Each function takes a `Plan` (see `plan.py`) and runs the fast form or, for a pl
 kernels="reference", the plain one in `reference.py`. The model needs nothing else from here.
 """
 
+import jax
+
 from zaremba_jax.kernels import matmul
 from zaremba_jax.kernels import recurrence
 from zaremba_jax.kernels import reference
 from zaremba_jax.kernels import softmax
 from zaremba_jax.kernels.plan import KERNELS, Plan, resolve  # pylint: disable=unused-import
+
+
+# The parameters the kernels read only through a matmul, which casts them to the plan's dtype first.
+MATMUL_WEIGHTS = ("embedding", "w_ih", "w_hh", "softmax_w")
+
+
+def cast_weights(params, plan: Plan):
+  """params with every weight matrix already in the plan's matmul dtype; biases stay float32.
+
+  The same numbers as `params` (each kernel casts these matrices before any use), for callers
+  that run many calls on the same weights: one token at a time (serve, query, sample), a call's
+  casts would otherwise read every float32 weight again for each token.
+  """
+  if plan.dtype == "float32":
+    return params
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.astype(plan.dtype) if path[-1].key in MATMUL_WEIGHTS else x, params)
 
 
 def lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan: Plan):

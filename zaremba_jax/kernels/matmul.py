@@ -6,10 +6,13 @@ product whose operand is an explicit transpose back into a float32 one.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from zaremba_jax.kernels import native
 
 
 def dot(a, b, contract, dtype):
@@ -23,6 +26,14 @@ def dot(a, b, contract, dtype):
 def matmul(a, b, dtype):
   """a @ b for a 2-D b: `dot` over a's last axis and b's first."""
   return dot(a, b, (a.ndim - 1, 0), dtype)
+
+
+def one_row_or_matmul(x, w, plan):
+  """x @ w; a single row, where the plan has the native products, as `native.vecmat`, which
+  reads a bfloat16 w as bfloat16 (XLA converts it to float32 on every call)."""
+  if plan.native_bf16_vector_products and math.prod(x.shape[:-1]) == 1:
+    return native.vecmat(x.reshape(-1), w).reshape(*x.shape[:-1], w.shape[1])
+  return matmul(x, w, plan.dtype)
 
 
 def transpose_by_gather(a_MxK):
@@ -66,8 +77,10 @@ def input_projection(x_TxBxD, w_Dx4H, b_4H, plan):
   """x_t W_ih + b for every step at once, as one matmul outside the recurrence's loop.
 
   Autodiff's products are the fast ones unless `plan.weight_grads_via_gather`, which routes the
-  weight gradient through `project`.
+  weight gradient through `project`. One token (generation) takes `one_row_or_matmul`.
   """
+  if math.prod(x_TxBxD.shape[:-1]) == 1:
+    return one_row_or_matmul(x_TxBxD, w_Dx4H, plan) + b_4H
   if not plan.weight_grads_via_gather:
     return matmul(x_TxBxD, w_Dx4H, plan.dtype) + b_4H
   t, batch, d = x_TxBxD.shape
@@ -81,4 +94,4 @@ def table_projection(table_VxD, w_Dx4H, b_4H, plan):
 
 def output_logits(x_BxTxH, w_HxV, b_V, plan):
   """x W + b: logits for every position."""
-  return matmul(x_BxTxH, w_HxV, plan.dtype) + b_V
+  return one_row_or_matmul(x_BxTxH, w_HxV, plan) + b_V

@@ -10,6 +10,8 @@ import dataclasses
 
 import jax
 
+from zaremba_jax.kernels import native
+
 KERNELS = ("fast", "reference")
 
 # Evaluation's softmax in row blocks: measured on the 2-core CPU (docs/performance.md), it pays
@@ -33,6 +35,9 @@ class Plan:
   first_layer_per_vocab_row: bool = False
   # Batch 1: run the forward loop on 1-D state vectors (matrix-vector products).
   batch1_as_vector: bool = False
+  # Batch 1 in bfloat16: the vector products run in the package's native CPU kernels
+  # (native.py), which read the bfloat16 weights; XLA's CPU product reads them as float32.
+  native_bf16_vector_products: bool = False
   # The forward loop multiplies by W_hh^T [4H, H], transposed once per call (contracting both
   # last axes; for a vector, W^T h with the matrix first), not by W_hh.
   recurrent_product_transposed: bool = False
@@ -93,6 +98,7 @@ def resolve(*, kernels: str = "fast", dtype: str = "float32", batch_size: int, v
       dtype=dtype,
       first_layer_per_vocab_row=vocab_size < stream_tokens,
       batch1_as_vector=cpu and batch_size == 1,
+      native_bf16_vector_products=bf16_on_cpu and batch_size == 1 and native.available(),
       # A batch-1 stream, not a single token: one transposition serves many steps.
       recurrent_product_transposed=(bf16_on_cpu and batch_size > 1
                                     or cpu and batch_size == 1 and stream_tokens > 1),

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from zaremba_jax.kernels import matmul
+from zaremba_jax.kernels import native
 
 
 def _gate_scale(hidden):
@@ -56,9 +57,13 @@ def _forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, emit=None):
   if transposed:
     w = w.T  # [4H, H]
 
+  native_products = vector and plan.native_bf16_vector_products
+
   def step(carry, xw_Bx4H):
     c_prev, h_prev = carry
-    if vector and transposed:  # W^T h, matrix first: the matrix-vector form XLA runs fastest
+    if native_products:  # bfloat16 weights read as bfloat16 (native.py)
+      hw = native.matvec(w, h_prev) if transposed else native.vecmat(h_prev, w)
+    elif vector and transposed:  # W^T h, matrix first: the matrix-vector form XLA runs fastest
       hw = matmul.dot(w, h_prev, (1, 0), dtype)
     else:
       hw = matmul.dot(h_prev, w, (h_prev.ndim - 1, 1 if transposed else 0), dtype)

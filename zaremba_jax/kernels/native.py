@@ -1,0 +1,147 @@
+"""bfloat16 matrix-vector products on the CPU that read the weights as bfloat16.
+
+XLA's CPU backend has no bfloat16 matrix-vector product: it converts bfloat16 weights to float32
+and runs a float32 one, so a batch-1 step in bfloat16 reads W_hh's float32 bytes, no fewer than in
+float32 (docs/performance.md). The two products in `bf16_matvec.cc`, called through XLA's FFI,
+read the bfloat16 bytes with AVX512-BF16 on XLA's intra-op threads:
+
+  matvec(w_NxK, h_K) = W h      vecmat(h_K, w_KxN) = h W
+
+h is rounded to bfloat16 and the products and sums are float32: XLA's bfloat16 dot's numbers up to
+the order of the sums.
+
+The library is compiled on first use with the system's C++ compiler (a few seconds, once) into a
+cache folder keyed by the source and the jax version: $ZAREMBA_JAX_CACHE, else
+~/.cache/zaremba_jax. Where it cannot be used (not Linux on x86-64, a CPU without avx512_bf16, no
+compiler, ZAREMBA_JAX_NATIVE=0), `available()` is False and the plan keeps XLA's products.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+SOURCE = pathlib.Path(__file__).with_name("bf16_matvec.cc")
+FLAGS = ("-O3", "-DNDEBUG", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw",
+         "-mavx512vl", "-mavx512bf16")
+TARGETS = {"zaremba_bf16_matvec": "ZarembaBf16Matvec", "zaremba_bf16_vecmat": "ZarembaBf16Vecmat"}
+
+
+def _cpu_has_avx512_bf16() -> bool:
+  try:
+    cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return False
+  flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+  return "avx512_bf16" in flags.split()
+
+
+def _compiler() -> str | None:
+  for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _cache_folder() -> pathlib.Path:
+  root = os.environ.get("ZAREMBA_JAX_CACHE") or pathlib.Path.home() / ".cache" / "zaremba_jax"
+  key = hashlib.sha256(SOURCE.read_bytes() + jax.__version__.encode()
+                       + " ".join(FLAGS).encode()).hexdigest()[:16]
+  return pathlib.Path(root) / f"native-{key}"
+
+
+def _build(compiler: str) -> pathlib.Path:
+  """The compiled library, from the cache or compiled now (into a temporary name, then renamed,
+  so that processes building at once never load a half-written file)."""
+  folder = _cache_folder()
+  library = folder / "libzaremba_bf16_matvec.so"
+  if library.exists():
+    return library
+  folder.mkdir(parents=True, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=folder, suffix=".so", delete=False) as out:
+    partial = pathlib.Path(out.name)
+  try:
+    command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+      raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    os.replace(partial, library)
+  finally:
+    partial.unlink(missing_ok=True)
+  return library
+
+
+def unavailable_reason() -> str | None:
+  """Why the native products cannot run here, or None when they can."""
+  return _load()
+
+
+@functools.cache
+def _load() -> str | None:
+  if os.environ.get("ZAREMBA_JAX_NATIVE", "1") == "0":
+    return "ZAREMBA_JAX_NATIVE=0"
+  if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    return f"{platform.system()} on {platform.machine()}, not Linux on x86-64"
+  if not _cpu_has_avx512_bf16():
+    return "this CPU has no avx512_bf16"
+  compiler = _compiler()
+  if compiler is None:
+    return "no C++ compiler (g++, c++ or clang++; or set CXX)"
+  try:
+    library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+    for target, symbol in TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                  platform="cpu")
+  except (OSError, RuntimeError, AttributeError) as error:
+    logging.warning("bfloat16 batch-1 steps use XLA's slower product: the native kernels did "
+                    "not build (%s)", error)
+    return f"the build failed: {error}"
+  return None
+
+
+def available() -> bool:
+  """Whether `matvec` and `vecmat` can run here (builds the library on first call)."""
+  return _load() is None
+
+
+def _call(target, shape, *args):
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method="sequential")(*args)
+
+
+def _dot(a, b):  # XLA's bfloat16 product with float32 sums, for the gradients
+  return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                 preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def matvec(w_NxK, h_K):
+  """W h in float32 from a bfloat16 W [N, K] and a float32 h [K]."""
+  return _call("zaremba_bf16_matvec", w_NxK.shape[:1], w_NxK.astype(jnp.bfloat16),
+               h_K.astype(jnp.float32))
+
+
+@jax.custom_vjp
+def vecmat(h_K, w_KxN):
+  """h W in float32 from a float32 h [K] and a bfloat16 W [K, N]."""
+  return _call("zaremba_bf16_vecmat", w_KxN.shape[1:], h_K.astype(jnp.float32),
+               w_KxN.astype(jnp.bfloat16))
+
+
+# The kernels run forward only; a gradient through them (a batch-1 bfloat16 training window)
+# is XLA's, in bfloat16 products as training's.
+matvec.defvjp(lambda w, h: (matvec(w, h), (w, h)),
+              lambda res, dy: (jnp.outer(dy, res[1]).astype(res[0].dtype),
+                               _dot(dy, res[0]).astype(res[1].dtype)))
+vecmat.defvjp(lambda h, w: (vecmat(h, w), (h, w)),
+              lambda res, dy: (_dot(res[1], dy).astype(res[0].dtype),
+                               jnp.outer(res[0], dy).astype(res[1].dtype)))
