@@ -41,13 +41,13 @@ def assert_close(got, want, dtype, err_msg):
 
 def recurrence_plans(dtype):
   """Every combination of the recurrence's forms (the native products where they run)."""
-  natives = (False, True) if dtype == "bfloat16" and native.available() else (False,)
+  natives = (False, True) if native.available() else (False,)
   for in_loop, transposed, vector, native_products in itertools.product(
       (True, False), (True, False), (True, False), natives):
     yield kernels.Plan(dtype=dtype, factors_in_forward_loop=in_loop,
                        recurrent_product_transposed=transposed, batch1_as_vector=vector,
                        weight_grads_via_gather=transposed,
-                       native_bf16_vector_products=native_products)
+                       native_products=native_products)
 
 
 class RecurrenceTest(parameterized.TestCase):
@@ -234,6 +234,29 @@ class NativeProductsTest(parameterized.TestCase):
     np.testing.assert_allclose(jax.jit(native.matvec)(w_NxK, h_K), want, rtol=0, atol=bound)
     np.testing.assert_allclose(jax.jit(native.vecmat)(h_K, w_NxK.T), want, rtol=0, atol=bound)
 
+  # Rows off the kernel's block of five, columns off its 64, an odd K (a padded pair).
+  @parameterized.parameters((1, 5, 3), (7, 37, 11), (20, 803, 201), (100, 800, 200))
+  def test_matmul_of_pairs_equals_xla_bfloat16_dot(self, b, n, k):
+    rng = np.random.default_rng(b)
+    w_KxN = jnp.asarray(rng.normal(size=(k, n)), jnp.bfloat16)
+    h_BxK = jnp.asarray(rng.normal(size=(b, k)), jnp.float32)
+    want = matmul.dot(h_BxK, w_KxN, (1, 0), "bfloat16")
+    bound = 1e-6 * float(jnp.abs(w_KxN.astype(jnp.float32)).sum(axis=0).max()) * np.sqrt(k)
+    got = jax.jit(lambda h, w: native.matmul(h, native.pairs(w)))(h_BxK, w_KxN)
+    np.testing.assert_allclose(got, want, rtol=0, atol=bound)
+
+  @parameterized.parameters((1, 5, 3), (7, 37, 11), (20, 803, 201), (100, 800, 200))
+  def test_float32_products_equal_xla_float32_dot(self, b, n, k):
+    rng = np.random.default_rng(b)
+    w_KxN = jnp.asarray(rng.normal(size=(k, n)), jnp.float32)
+    h_BxK = jnp.asarray(rng.normal(size=(b, k)), jnp.float32)
+    want = jnp.dot(h_BxK, w_KxN, precision="highest")
+    bound = 1e-6 * float(jnp.abs(w_KxN).sum(axis=0).max()) * np.sqrt(k)
+    np.testing.assert_allclose(jax.jit(native.matmul_f32)(h_BxK, w_KxN), want, rtol=0,
+                               atol=bound)
+    np.testing.assert_allclose(jax.jit(native.matvec_f32)(w_KxN.T, h_BxK[0]), want[0], rtol=0,
+                               atol=bound)
+
   def test_h_is_rounded_to_bfloat16_as_xla_does(self):
     # 1 + 2**-9 is not a bfloat16; round to nearest even makes it 1. Kept as float32, the sum
     # of 64 of them would be 64.125.
@@ -241,6 +264,8 @@ class NativeProductsTest(parameterized.TestCase):
     h = jnp.full((64,), 1 + 2.0**-9, jnp.float32)
     np.testing.assert_array_equal(native.matvec(w, h), matmul.dot(w, h, (1, 0), "bfloat16"))
     np.testing.assert_array_equal(native.vecmat(h, w.T), np.full(4, 64.0, np.float32))
+    np.testing.assert_array_equal(native.matmul(h[None], native.pairs(w.T)),
+                                  np.full((1, 4), 64.0, np.float32))
 
   def test_under_vmap_each_member_gets_its_own_product(self):
     rng = np.random.default_rng(0)
@@ -257,7 +282,11 @@ class NativeProductsTest(parameterized.TestCase):
     probe = jnp.asarray(rng.normal(size=(24,)), jnp.float32)
     want = jax.grad(lambda w, h: probe @ matmul.dot(w, h, (1, 0), "bfloat16"), (0, 1))(w, h)
     for got in (jax.grad(lambda w, h: probe @ native.matvec(w, h), (0, 1))(w, h),
-                jax.grad(lambda w, h: probe @ native.vecmat(h, w.T), (0, 1))(w, h)):
+                jax.grad(lambda w, h: probe @ native.vecmat(h, w.T), (0, 1))(w, h),
+                jax.grad(lambda w, h: probe @ native.matmul(h[None], native.pairs(w.T))[0],
+                         (0, 1))(w, h),
+                jax.grad(lambda w, h: probe @ native.matvec_f32(w, h), (0, 1))(w, h),
+                jax.grad(lambda w, h: probe @ native.matmul_f32(h[None], w.T)[0], (0, 1))(w, h)):
       assert_close(got[0], want[0], "bfloat16", "dW")
       assert_close(got[1], want[1], "bfloat16", "dh")
 
@@ -271,7 +300,7 @@ class NativeProductsTest(parameterized.TestCase):
         self.assertIn("the build failed", native.unavailable_reason())
         plan = plan_lib.resolve(dtype="bfloat16", batch_size=1, vocab_size=50,
                                 stream_tokens=1, backend="cpu")
-        self.assertFalse(plan.native_bf16_vector_products)
+        self.assertFalse(plan.native_products)
       with absltest.mock.patch.dict("os.environ", {"ZAREMBA_JAX_NATIVE": "0"}):
         native._load.cache_clear()
         self.assertEqual(native.unavailable_reason(), "ZAREMBA_JAX_NATIVE=0")
@@ -293,6 +322,7 @@ class PlanTest(parameterized.TestCase):
     plan = plan_lib.resolve(dtype="bfloat16", batch_size=100, vocab_size=50,
                             stream_tokens=5000, backend="cpu", num_devices=1)
     self.assertEqual(plan, kernels.Plan(dtype="bfloat16", first_layer_per_vocab_row=True,
+                                        native_products=native.available(),
                                         recurrent_product_transposed=True,
                                         weight_grads_via_gather=True,
                                         factors_in_forward_loop=True, members_one_by_one=True))
@@ -316,13 +346,16 @@ class PlanTest(parameterized.TestCase):
     self.assertTrue(plan.batch1_as_vector)
     self.assertTrue(plan.first_layer_per_vocab_row)
     self.assertTrue(plan.recurrent_product_transposed)  # W^T h: one transposition, many steps
-    self.assertFalse(plan.native_bf16_vector_products)  # float32: XLA's product
+    self.assertFalse(plan.native_products)  # float32: XLA's product
 
   @parameterized.parameters(1, 20)
-  def test_cpu_bfloat16_vectors_take_the_native_products(self, batch):
-    plan = plan_lib.resolve(dtype="bfloat16", batch_size=batch, vocab_size=10000,
-                            stream_tokens=82430, backend="cpu")
-    self.assertEqual(plan.native_bf16_vector_products, batch == 1 and native.available())
+  def test_native_products_where_they_won(self, batch):
+    def native_products(dtype, hidden):
+      return plan_lib.resolve(dtype=dtype, batch_size=batch, vocab_size=10000, stream_tokens=700,
+                              hidden_size=hidden, backend="cpu").native_products
+    self.assertEqual(native_products("bfloat16", 1500), native.available())
+    self.assertEqual(native_products("float32", 650), native.available())
+    self.assertFalse(native_products("float32", 1500))  # large: XLA's float32 product was faster
 
   @parameterized.parameters("float32", "bfloat16")
   def test_cpu_one_token_at_a_time(self, dtype):

@@ -1,14 +1,18 @@
-"""bfloat16 matrix-vector products on the CPU that read the weights as bfloat16.
+"""Products on the CPU where XLA's are slow, for the recurrence's steps: bfloat16 products that read
+the weights as bfloat16, and a float32 product of a few rows.
 
 XLA's CPU backend has no bfloat16 matrix-vector product: it converts bfloat16 weights to float32
 and runs a float32 one, so a batch-1 step in bfloat16 reads W_hh's float32 bytes, no fewer than in
-float32 (docs/performance.md). The two products in `bf16_matvec.cc`, called through XLA's FFI,
-read the bfloat16 bytes with AVX512-BF16 on XLA's intra-op threads:
+float32; and its products of a few rows (an evaluation step's [20, H] x [H, 4H]) run at a third of
+this CPU's rate in bfloat16, half in float32 (docs/performance.md). The products in
+`native_products.cc`, called through XLA's FFI, run with AVX-512 (bfloat16: AVX512-BF16, reading the
+bfloat16 bytes) on XLA's intra-op threads:
 
-  matvec(w_NxK, h_K) = W h      vecmat(h_K, w_KxN) = h W
+  matvec(w_NxK, h_K) = W h      vecmat(h_K, w_KxN) = h W      matmul(h_BxK, pairs(w_KxN)) = h W
+  matvec_f32(w_NxK, h_K) = W h   matmul_f32(h_BxK, w_KxN) = h W
 
-h is rounded to bfloat16 and the products and sums are float32: XLA's bfloat16 dot's numbers up to
-the order of the sums.
+In bfloat16 h is rounded to bfloat16 and the products and sums are float32: XLA's bfloat16 dot's
+numbers up to the order of the sums, as `matmul_f32`'s are XLA's float32 dot's.
 
 The library is compiled on first use with the system's C++ compiler (a few seconds, once) into a
 cache folder keyed by the source and the jax version: $ZAREMBA_JAX_CACHE, else
@@ -30,10 +34,12 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
-SOURCE = pathlib.Path(__file__).with_name("bf16_matvec.cc")
+SOURCE = pathlib.Path(__file__).with_name("native_products.cc")
 FLAGS = ("-O3", "-DNDEBUG", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw",
          "-mavx512vl", "-mavx512bf16")
-TARGETS = {"zaremba_bf16_matvec": "ZarembaBf16Matvec", "zaremba_bf16_vecmat": "ZarembaBf16Vecmat"}
+TARGETS = {"zaremba_bf16_matvec": "ZarembaBf16Matvec", "zaremba_bf16_vecmat": "ZarembaBf16Vecmat",
+           "zaremba_bf16_matmul": "ZarembaBf16Matmul", "zaremba_f32_matmul": "ZarembaF32Matmul",
+           "zaremba_f32_matvec": "ZarembaF32Matvec"}
 
 
 def _cpu_has_avx512_bf16() -> bool:
@@ -63,7 +69,7 @@ def _build(compiler: str) -> pathlib.Path:
   """The compiled library, from the cache or compiled now (into a temporary name, then renamed,
   so that processes building at once never load a half-written file)."""
   folder = _cache_folder()
-  library = folder / "libzaremba_bf16_matvec.so"
+  library = folder / "libzaremba_native_products.so"
   if library.exists():
     return library
   folder.mkdir(parents=True, exist_ok=True)
@@ -102,14 +108,14 @@ def _load() -> str | None:
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                   platform="cpu")
   except (OSError, RuntimeError, AttributeError) as error:
-    logging.warning("bfloat16 batch-1 steps use XLA's slower product: the native kernels did "
-                    "not build (%s)", error)
+    logging.warning("the recurrence keeps XLA's slower products: the native kernels did not "
+                    "build (%s)", error)
     return f"the build failed: {error}"
   return None
 
 
 def available() -> bool:
-  """Whether `matvec` and `vecmat` can run here (builds the library on first call)."""
+  """Whether the native products can run here (builds the library on first call)."""
   return _load() is None
 
 
@@ -145,3 +151,55 @@ matvec.defvjp(lambda w, h: (matvec(w, h), (w, h)),
 vecmat.defvjp(lambda h, w: (vecmat(h, w), (h, w)),
               lambda res, dy: (_dot(res[1], dy).astype(res[0].dtype),
                                jnp.outer(res[0], dy).astype(res[1].dtype)))
+
+
+def pairs(w_KxN):
+  """W [K, N] as the row pairs `matmul` reads, [ceil(K/2), N, 2] bfloat16: element [p, n] holds
+  W[2p, n] and W[2p + 1, n] (a zero row pads an odd K). Made once per call, outside the loop."""
+  k, n = w_KxN.shape
+  w = jnp.pad(w_KxN.astype(jnp.bfloat16), ((0, k % 2), (0, 0)))
+  return w.reshape(-1, 2, n).transpose(0, 2, 1)
+
+
+def _unpair(pairs_PxNx2, k):
+  return pairs_PxNx2.transpose(0, 2, 1).reshape(-1, pairs_PxNx2.shape[1])[:k]
+
+
+@jax.custom_vjp
+def matmul(h_BxK, pairs_PxNx2):
+  """h W in float32 from a float32 h [B, K] and W as `pairs(W)`."""
+  return _call("zaremba_bf16_matmul", (h_BxK.shape[0], pairs_PxNx2.shape[1]),
+               h_BxK.astype(jnp.float32), pairs_PxNx2.astype(jnp.bfloat16))
+
+
+def _matmul_bwd(res, dy_BxN):
+  h_BxK, pairs_PxNx2 = res
+  w_KxN = _unpair(pairs_PxNx2, h_BxK.shape[1])
+  dw_KxN = _dot(h_BxK.T, dy_BxN)
+  return (_dot(dy_BxN, w_KxN.T).astype(h_BxK.dtype),
+          pairs(dw_KxN).astype(pairs_PxNx2.dtype))
+
+
+matmul.defvjp(lambda h, p: (matmul(h, p), (h, p)), _matmul_bwd)
+
+
+@jax.custom_vjp
+def matmul_f32(h_BxK, w_KxN):
+  """h W in float32 (a few rows of h: an evaluation step's)."""
+  return _call("zaremba_f32_matmul", (h_BxK.shape[0], w_KxN.shape[1]),
+               h_BxK.astype(jnp.float32), w_KxN.astype(jnp.float32))
+
+
+matmul_f32.defvjp(lambda h, w: (matmul_f32(h, w), (h, w)),
+                  lambda res, dy: (dy @ res[1].T, res[0].T @ dy))
+
+
+@jax.custom_vjp
+def matvec_f32(w_NxK, h_K):
+  """W h in float32."""
+  return _call("zaremba_f32_matvec", w_NxK.shape[:1], w_NxK.astype(jnp.float32),
+               h_K.astype(jnp.float32))
+
+
+matvec_f32.defvjp(lambda w, h: (matvec_f32(w, h), (w, h)),
+                  lambda res, dy: (jnp.outer(dy, res[1]), dy @ res[0]))

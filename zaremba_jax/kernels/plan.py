@@ -20,6 +20,10 @@ KERNELS = ("fast", "reference")
 # model's 13 MB gained nothing, and float32 evaluation lost.
 OUTPUT_BLOCK_ROWS = 64
 OUTPUT_BLOCK_MAX_WEIGHT_BYTES = 8_000_000
+# The native float32 product of a few rows beat XLA's where W_hh is cache-sized (char_small's
+# [100, 200] step 130 -> 79 us, medium's [20, 650] 190 -> 164 us) and lost where it streams from
+# memory (large's [20, 1500]: 1,351 -> 2,299 us); bfloat16 won at every size.
+NATIVE_F32_MAX_WEIGHT_BYTES = 8_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +39,11 @@ class Plan:
   first_layer_per_vocab_row: bool = False
   # Batch 1: run the forward loop on 1-D state vectors (matrix-vector products).
   batch1_as_vector: bool = False
-  # Batch 1 in bfloat16: the vector products run in the package's native CPU kernels
-  # (native.py), which read the bfloat16 weights; XLA's CPU product reads them as float32.
-  native_bf16_vector_products: bool = False
+  # The forward loop's products outside a gradient in the package's native CPU kernels
+  # (native.py): in bfloat16 they read the weights as bfloat16 (XLA's matrix-vector product reads
+  # them as float32; its few-row product runs at a third of the kernel's rate), and a single
+  # token's projections take them too; in float32, a batch's step and the batch-1 stream's W^T h.
+  native_products: bool = False
   # The forward loop multiplies by W_hh^T [4H, H], transposed once per call (contracting both
   # last axes; for a vector, W^T h with the matrix first), not by W_hh.
   recurrent_product_transposed: bool = False
@@ -98,7 +104,9 @@ def resolve(*, kernels: str = "fast", dtype: str = "float32", batch_size: int, v
       dtype=dtype,
       first_layer_per_vocab_row=vocab_size < stream_tokens,
       batch1_as_vector=cpu and batch_size == 1,
-      native_bf16_vector_products=bf16_on_cpu and batch_size == 1 and native.available(),
+      native_products=cpu and native.available() and (
+          dtype == "bfloat16" or hidden_size is not None
+          and 16 * hidden_size * hidden_size <= NATIVE_F32_MAX_WEIGHT_BYTES),
       # A batch-1 stream, not a single token: one transposition serves many steps.
       recurrent_product_transposed=(bf16_on_cpu and batch_size > 1
                                     or cpu and batch_size == 1 and stream_tokens > 1),

@@ -53,16 +53,24 @@ def _forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, emit=None):
   scale_product = vector and not plan.recurrent_product_transposed
   w = (w_hh_Hx4H if scale_product else w_hh_Hx4H * scale_4H).astype(dtype)  # cast once
   xw_TxBx4H = xw_TxBx4H * scale_4H
-  transposed = plan.recurrent_product_transposed
+  # The native kernels (native.py) outside a gradient. In bfloat16 they take every product
+  # (a batch's rows read W in row pairs, made once here); in float32 a batch's and W^T h.
+  native_products = plan.native_products and emit is None
+  bf16 = dtype == "bfloat16"
+  batch_product = native_products and not vector
+  w_pairs = native.pairs(w) if batch_product and bf16 else None
+  transposed = plan.recurrent_product_transposed and not batch_product
   if transposed:
     w = w.T  # [4H, H]
 
-  native_products = vector and plan.native_bf16_vector_products
-
   def step(carry, xw_Bx4H):
     c_prev, h_prev = carry
-    if native_products:  # bfloat16 weights read as bfloat16 (native.py)
+    if batch_product:
+      hw = native.matmul(h_prev, w_pairs) if bf16 else native.matmul_f32(h_prev, w)
+    elif native_products and bf16:
       hw = native.matvec(w, h_prev) if transposed else native.vecmat(h_prev, w)
+    elif native_products and transposed:
+      hw = native.matvec_f32(w, h_prev)
     elif vector and transposed:  # W^T h, matrix first: the matrix-vector form XLA runs fastest
       hw = matmul.dot(w, h_prev, (1, 0), dtype)
     else:
