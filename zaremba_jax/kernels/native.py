@@ -120,6 +120,9 @@ def available() -> bool:
 
 
 def _call(target, shape, *args):
+  reason = _load()  # registers the targets on first use
+  if reason is not None:
+    raise RuntimeError(f"the native products cannot run here: {reason}; use a plan without them")
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
                           vmap_method="sequential")(*args)
 
