@@ -31,7 +31,7 @@ def matmul(a, b, dtype):
 def one_row_or_matmul(x, w, plan):
   """x @ w; a single row in bfloat16, where the plan has the native products, as `native.vecmat`,
   which reads w as bfloat16 (XLA converts it to float32 on every call)."""
-  if (plan.native_products and plan.dtype == "bfloat16" and math.prod(x.shape[:-1]) == 1):
+  if plan.native_products and plan.dtype == "bfloat16" and math.prod(x.shape[:-1]) == 1:
     return native.vecmat(x.reshape(-1), w).reshape(*x.shape[:-1], w.shape[1])
   return matmul(x, w, plan.dtype)
 
