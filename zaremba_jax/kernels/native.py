@@ -77,7 +77,7 @@ def _build(compiler: str) -> pathlib.Path:
     partial = pathlib.Path(out.name)
   try:
     command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600)
     if result.returncode != 0:
       raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
     os.replace(partial, library)
@@ -107,7 +107,7 @@ def _load() -> str | None:
     for target, symbol in TARGETS.items():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
                                   platform="cpu")
-  except (OSError, RuntimeError, AttributeError) as error:
+  except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
     logging.warning("the recurrence keeps XLA's slower products: the native kernels did not "
                     "build (%s)", error)
     return f"the build failed: {error}"
