@@ -28,10 +28,15 @@ def matmul(a, b, dtype):
   return dot(a, b, (a.ndim - 1, 0), dtype)
 
 
+def _native_one_row(x, plan):
+  """Whether x @ w is a single row in bfloat16 where the plan has the native products."""
+  return plan.native_products and plan.dtype == "bfloat16" and math.prod(x.shape[:-1]) == 1
+
+
 def one_row_or_matmul(x, w, plan):
-  """x @ w; a single row in bfloat16, where the plan has the native products, as `native.vecmat`,
-  which reads w as bfloat16 (XLA converts it to float32 on every call)."""
-  if plan.native_products and plan.dtype == "bfloat16" and math.prod(x.shape[:-1]) == 1:
+  """x @ w; a single bfloat16 row (`_native_one_row`) as `native.vecmat`, which reads w as
+  bfloat16 (XLA converts it to float32 on every call)."""
+  if _native_one_row(x, plan):
     return native.vecmat(x.reshape(-1), w).reshape(*x.shape[:-1], w.shape[1])
   return matmul(x, w, plan.dtype)
 
@@ -77,9 +82,10 @@ def input_projection(x_TxBxD, w_Dx4H, b_4H, plan):
   """x_t W_ih + b for every step at once, as one matmul outside the recurrence's loop.
 
   Autodiff's products are the fast ones unless `plan.weight_grads_via_gather`, which routes the
-  weight gradient through `project`. One token (generation) takes `one_row_or_matmul`.
+  weight gradient through `project`. One bfloat16 token with the native products takes
+  `one_row_or_matmul`.
   """
-  if math.prod(x_TxBxD.shape[:-1]) == 1:
+  if _native_one_row(x_TxBxD, plan):
     return one_row_or_matmul(x_TxBxD, w_Dx4H, plan) + b_4H
   if not plan.weight_grads_via_gather:
     return matmul(x_TxBxD, w_Dx4H, plan.dtype) + b_4H

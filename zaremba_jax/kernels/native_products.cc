@@ -37,21 +37,25 @@ using F32MatrixResult = ffi::ResultBuffer<ffi::F32, 2>;
 
 namespace {
 
-// h rounded to bfloat16 (round to nearest even, as XLA's convert), zero-padded to whole 32-lane
-// loads; kept per thread so that a call allocates nothing once warm.
-const uint16_t* RoundToBf16(const float* h, int64_t k) {
-  thread_local std::vector<uint16_t> buffer;
-  buffer.assign((k + 31) / 32 * 32, 0);
+// k floats rounded to bfloat16 (round to nearest even, as XLA's convert) into out[0 .. k).
+void RoundRowToBf16(const float* h, int64_t k, uint16_t* out) {
   int64_t j = 0;
   for (; j + 16 <= k; j += 16) {
     __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(h + j));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(buffer.data() + j), (__m256i)v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)v);
   }
   if (j < k) {
     const __mmask16 m = (__mmask16)((1u << (k - j)) - 1);
-    __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, h + j));
-    _mm256_mask_storeu_epi16(buffer.data() + j, m, (__m256i)v);
+    _mm256_mask_storeu_epi16(out + j, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, h + j)));
   }
+}
+
+// h rounded to bfloat16, zero-padded to whole 32-lane loads; kept per thread so that a call
+// allocates nothing once warm.
+const uint16_t* RoundToBf16(const float* h, int64_t k) {
+  thread_local std::vector<uint16_t> buffer;
+  buffer.assign((k + 31) / 32 * 32, 0);
+  RoundRowToBf16(h, k, buffer.data());
   return buffer.data();
 }
 
@@ -181,22 +185,10 @@ void VecmatColumns(const uint16_t* w, const uint16_t* h, float* y, int64_t c0, i
 const uint32_t* RoundRowsToBf16Pairs(const float* h, int64_t batch, int64_t k, int64_t kp) {
   thread_local std::vector<uint32_t> buffer;
   buffer.assign(batch * kp, 0);
-  for (int64_t b = 0; b < batch; ++b) {
-    auto* out = reinterpret_cast<uint16_t*>(buffer.data() + b * kp);
-    const float* row = h + b * k;
-    int64_t j = 0;
-    for (; j + 16 <= k; j += 16) {
-      __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(row + j));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)v);
-    }
-    if (j < k) {
-      const __mmask16 m = (__mmask16)((1u << (k - j)) - 1);
-      _mm256_mask_storeu_epi16(out + j, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, row + j)));
-    }
-  }
+  for (int64_t b = 0; b < batch; ++b)
+    RoundRowToBf16(h + b * k, k, reinterpret_cast<uint16_t*>(buffer.data() + b * kp));
   return buffer.data();
 }
-
 
 inline __m512bh BroadcastPair(uint32_t pair) { return (__m512bh)_mm512_set1_epi32((int32_t)pair); }
 
@@ -335,9 +327,18 @@ void RunParts(ffi::ThreadPool& pool, int64_t parts, Part part) {
   while (state->done.load(std::memory_order_acquire) < parts) _mm_pause();
 }
 
-int64_t NumParts(ffi::ThreadPool& pool, int64_t outputs, int64_t min_outputs_per_part) {
+// Runs range(begin, end) over the outputs [0, n), split into parts of at least `min_per_part`
+// outputs (one a pool thread at most) whose boundaries are multiples of `multiple` (the kernel's
+// block of rows or columns).
+template <typename Range>
+void RunRanges(ffi::ThreadPool& pool, int64_t n, int64_t min_per_part, int64_t multiple,
+               Range range) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  return std::max<int64_t>(1, std::min(threads, outputs / min_outputs_per_part));
+  const int64_t parts = std::max<int64_t>(1, std::min(threads, n / min_per_part));
+  const int64_t size = (n / parts + multiple - 1) / multiple * multiple;
+  RunParts(pool, parts, [&](int64_t p) {
+    range(std::min(p * size, n), p + 1 == parts ? n : std::min((p + 1) * size, n));
+  });
 }
 
 ffi::Error Matvec(ffi::ThreadPool pool, Bf16Matrix w, F32Vector h, F32Result y) {
@@ -347,11 +348,7 @@ ffi::Error Matvec(ffi::ThreadPool pool, Bf16Matrix w, F32Vector h, F32Result y) 
   const uint16_t* hb = RoundToBf16(h.typed_data(), k);
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   float* yp = y->typed_data();
-  const int64_t parts = NumParts(pool, n, 256);
-  const int64_t rows = (n / parts + 3) / 4 * 4;
-  RunParts(pool, parts, [&](int64_t p) {
-    MatvecRows(wp, hb, yp, std::min(p * rows, n), p + 1 == parts ? n : std::min((p + 1) * rows, n), k);
-  });
+  RunRanges(pool, n, 256, 4, [&](int64_t r0, int64_t r1) { MatvecRows(wp, hb, yp, r0, r1, k); });
   return ffi::Error::Success();
 }
 
@@ -362,12 +359,8 @@ ffi::Error Vecmat(ffi::ThreadPool pool, F32Vector h, Bf16Matrix w, F32Result y) 
   const uint16_t* hb = RoundToBf16(h.typed_data(), k);
   const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
   float* yp = y->typed_data();
-  const int64_t parts = NumParts(pool, n, 512);
-  const int64_t columns = (n / parts + 127) / 128 * 128;
-  RunParts(pool, parts, [&](int64_t p) {
-    VecmatColumns(wp, hb, yp, std::min(p * columns, n),
-                  p + 1 == parts ? n : std::min((p + 1) * columns, n), k, n);
-  });
+  RunRanges(pool, n, 512, 128,
+            [&](int64_t c0, int64_t c1) { VecmatColumns(wp, hb, yp, c0, c1, k, n); });
   return ffi::Error::Success();
 }
 
@@ -381,12 +374,8 @@ ffi::Error Matmul(ffi::ThreadPool pool, F32Matrix h, Bf16Pairs pairs, F32MatrixR
   const uint32_t* hp = RoundRowsToBf16Pairs(h.typed_data(), batch, k, kp);
   const auto* pp = reinterpret_cast<const uint32_t*>(pairs.typed_data());
   float* yp = y->typed_data();
-  const int64_t parts = NumParts(pool, n, 256);
-  const int64_t columns = (n / parts + 63) / 64 * 64;
-  RunParts(pool, parts, [&](int64_t p) {
-    MatmulColumns(pp, hp, batch, kp, n, std::min(p * columns, n),
-                  p + 1 == parts ? n : std::min((p + 1) * columns, n), yp);
-  });
+  RunRanges(pool, n, 256, 64,
+            [&](int64_t c0, int64_t c1) { MatmulColumns(pp, hp, batch, kp, n, c0, c1, yp); });
   return ffi::Error::Success();
 }
 
@@ -397,11 +386,7 @@ ffi::Error MatvecF32(ffi::ThreadPool pool, F32Matrix w, F32Vector h, F32Result y
   const float* wp = w.typed_data();
   const float* hp = h.typed_data();
   float* yp = y->typed_data();
-  const int64_t parts = NumParts(pool, n, 256);
-  const int64_t rows = (n / parts + 3) / 4 * 4;
-  RunParts(pool, parts, [&](int64_t p) {
-    MatvecRowsF32(wp, hp, yp, std::min(p * rows, n), p + 1 == parts ? n : std::min((p + 1) * rows, n), k);
-  });
+  RunRanges(pool, n, 256, 4, [&](int64_t r0, int64_t r1) { MatvecRowsF32(wp, hp, yp, r0, r1, k); });
   return ffi::Error::Success();
 }
 
@@ -412,12 +397,8 @@ ffi::Error MatmulF32(ffi::ThreadPool pool, F32Matrix h, F32Matrix w, F32MatrixRe
   const float* hp = h.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
-  const int64_t parts = NumParts(pool, n, 256);
-  const int64_t columns = (n / parts + 63) / 64 * 64;
-  RunParts(pool, parts, [&](int64_t p) {
-    MatmulF32Columns(wp, hp, batch, k, n, std::min(p * columns, n),
-                     p + 1 == parts ? n : std::min((p + 1) * columns, n), yp);
-  });
+  RunRanges(pool, n, 256, 64,
+            [&](int64_t c0, int64_t c1) { MatmulF32Columns(wp, hp, batch, k, n, c0, c1, yp); });
   return ffi::Error::Success();
 }
 
