@@ -16,7 +16,7 @@ What is timed is what the package runs: training is `train.train_steps` with the
 `model.make_model` (planned for the training window), called --steps_per_call windows at a time as
 the training loop does; evaluation (10 windows at the training batch) and the batch-1 test each
 run `train.evaluate` with the model re-planned for its own stream by `model.planned_for`, as
-`loop.Evaluator` does. A plan depends on the stream's length: a stream longer than the vocabulary
+`evaluation.Evaluator` does. A plan depends on the stream's length: a stream longer than the vocabulary
 gets the first layer's projection per vocabulary row, so the word-level evaluation stream here
 (10 windows, fewer tokens than the 10,000 words) runs without it, unlike the full validation set.
 
@@ -26,6 +26,7 @@ and compare the train_wps of the JSON files.
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -38,6 +39,7 @@ import jax
 import numpy as np
 
 from zaremba_jax import main as main_lib
+from zaremba_jax import members as members_lib
 from zaremba_jax import model as model_lib
 from zaremba_jax import train as train_lib
 
@@ -93,7 +95,8 @@ class JaxSystem:
     self.inputs = rng.integers(0, vocab, size=(b, t)).astype(np.int32)
     self.targets = rng.integers(0, vocab, size=(b, t)).astype(np.int32)
     self.state = train_lib.create_train_state(config, self.model, self.tx, jax.random.key(0))
-    self.steps_fn = train_lib.jit_train_steps(self.model, self.tx)
+    self.steps_fn = jax.jit(functools.partial(train_lib.train_steps, model=self.model,
+                                              tx=self.tx), donate_argnums=0)
     self.per_call = config.steps_per_call
     stack = lambda a, k: np.repeat(a[None], k, axis=0)
     self.windows = {k: (stack(self.inputs, k), stack(self.targets, k)) for k in (self.per_call, 1)}
@@ -106,11 +109,11 @@ class JaxSystem:
     self.test_windows = (rng.integers(0, vocab, size=(n_test, 1, chunk)).astype(np.int32),
                          rng.integers(0, vocab, size=(n_test, 1, chunk)).astype(np.int32),
                          np.ones((n_test, 1, chunk), np.float32))
-    # As loop.Evaluator: each stream's model planned for its rows and its length in tokens.
+    # As evaluation.Evaluator: each stream's model planned for its rows and its length in tokens.
     self.eval_model = model_lib.planned_for(self.model, b, self.eval_windows[0].size)
     self.test_model = model_lib.planned_for(self.model, 1, self.test_windows[0].size)
-    self.eval_fn = train_lib.jit_evaluate(self.eval_model)
-    self.test_fn = train_lib.jit_evaluate(self.test_model)
+    self.eval_fn = jax.jit(functools.partial(train_lib.evaluate, model=self.eval_model))
+    self.test_fn = jax.jit(functools.partial(train_lib.evaluate, model=self.test_model))
     self.eval_words = n_eval * b * t
     self.test_words = n_test * chunk
     self.words_per_step = b * t
@@ -268,10 +271,12 @@ class MemberRuns:
     tokens = rng.integers(0, vocab, size=(self.per_call, b, t + 1)).astype(np.int32)
     self.window = (tokens[:, :, :-1], tokens[:, :, 1:])
     self.words_per_step = b * t
-    self.together = train_lib.create_members(config, model, tx)
-    self.together_fn = train_lib.jit_member_train_steps(model, tx)
+    make_one = functools.partial(train_lib.create_train_state, config, model, tx)
+    self.together = members_lib.create(make_one, range(members))
+    steps = functools.partial(train_lib.train_steps, model=model, tx=tx)
+    self.together_fn = jax.jit(members_lib.lift(steps, (0, None, None)), donate_argnums=0)
     self.apart = [jax.tree.map(lambda x, i=i: x[i], self.together) for i in range(members)]
-    self.apart_fn = train_lib.jit_train_steps(model, tx)
+    self.apart_fn = jax.jit(steps, donate_argnums=0)
 
   def compile(self):
     self.train_together(self.per_call)

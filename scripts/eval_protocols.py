@@ -10,6 +10,7 @@ training text's first tokens.
 """
 
 import argparse
+import functools
 import math
 
 from absl import flags
@@ -18,17 +19,20 @@ import numpy as np
 
 from zaremba_jax import checkpoint as checkpoint_lib
 from zaremba_jax import data as data_lib
-from zaremba_jax import loop
+from zaremba_jax import evaluation
 from zaremba_jax import model as model_lib
-from zaremba_jax import train as train_lib
+
+
+def jit_evaluate(model):
+  return jax.jit(functools.partial(evaluation.evaluate_members, model=model))
 
 
 def protocols(workdir: str, data_dir: str) -> dict:
   """{protocol: the first member's validation perplexity} for the checkpoint in `workdir`."""
   trained = checkpoint_lib.load_trained(workdir, say=lambda _: None)
   params = jax.tree.map(lambda x: x[:1], trained.params)  # the first member
-  config, corpus = trained.config, loop.load_corpus(trained.config, data_dir)
-  evaluator = loop.Evaluator(config, corpus, trained.model)
+  config, corpus = trained.config, data_lib.corpus_for(trained.config, data_dir)
+  evaluator = evaluation.Evaluator(config, corpus, trained.model)
   result = evaluator(params, "valid", tokens=True)
   nll_P, mask_P = result["token_nll"][0], result["mask"] > 0
   inputs_NxBxT, targets_NxBxT, weights_NxBxT = evaluator.windows["valid"]
@@ -43,19 +47,18 @@ def protocols(workdir: str, data_dir: str) -> dict:
   window_nll_N = nll_P.reshape(shape).sum(axis=(1, 2)) / np.asarray(weights_NxBxT).sum(axis=(1, 2))
   out["  mean of per-window perplexities"] = float(np.mean(np.exp(window_nll_N)))
   # Each window alone, from a zero state.
-  one_window = train_lib.jit_evaluate_members(
-      model_lib.planned_for(trained.model, shape[1], shape[1] * shape[2]))
+  one_window = jit_evaluate(model_lib.planned_for(trained.model, shape[1], shape[1] * shape[2]))
   total = count = 0.0
   for k in range(shape[0]):
-    member_nll_K, _, n = one_window(params, *(a[k:k + 1] for a in evaluator.windows["valid"]))
-    total, count = total + float(member_nll_K[0]), count + float(n)
+    member_nll_K, _, n_K = one_window(params, *(a[k:k + 1] for a in evaluator.windows["valid"]))
+    total, count = total + float(member_nll_K[0]), count + float(n_K[0])
   out[f"state reset every {shape[2]}-step window, batch {shape[1]}"] = math.exp(total / count)
   train_windows = data_lib.eval_windows(
       data_lib.batchify(corpus.train[:len(corpus.valid)], config.batch_size), config.num_steps)
   planned = model_lib.planned_for(trained.model, config.batch_size, train_windows[0].size)
-  member_nll_K, _, n = train_lib.jit_evaluate_members(planned)(params, *train_windows)
+  member_nll_K, _, n_K = jit_evaluate(planned)(params, *train_windows)
   out[f"training text (its first {len(corpus.valid)} tokens), carried state"] = math.exp(
-      float(member_nll_K[0]) / float(n))
+      float(member_nll_K[0]) / float(n_K[0]))
   return out
 
 

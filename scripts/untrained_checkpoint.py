@@ -9,6 +9,7 @@ from absl import app
 from absl import flags
 
 from zaremba_jax import checkpoint as checkpoint_lib
+from zaremba_jax import data as data_lib
 from zaremba_jax import loop
 from zaremba_jax import main as main_lib
 
@@ -16,7 +17,7 @@ from zaremba_jax import main as main_lib
 def main(argv):
   del argv
   config = main_lib.config_from_flags()
-  corpus = loop.load_corpus(config, flags.FLAGS.data_dir)
+  corpus = data_lib.corpus_for(config, flags.FLAGS.data_dir)
   run = loop.Run(config, corpus)
   ckpt = checkpoint_lib.Checkpointer(flags.FLAGS.workdir)
   ckpt.save(0, run.initial_state(), run.meta(loop.Progress(), []))

@@ -15,6 +15,7 @@ import numpy as np
 from absl.testing import absltest
 
 from zaremba_jax import checkpoint as checkpoint_lib
+from zaremba_jax import evaluation
 from zaremba_jax import loop
 from zaremba_jax import reporting
 from tests import helpers
@@ -145,7 +146,7 @@ class ResumeTest(absltest.TestCase):
     workdir = self.create_tempdir().full_path
     trained, _ = self.train(workdir, max_train_steps=0, max_max_epoch=2)
     out = io.StringIO()
-    result = loop.evaluate_checkpoint(workdir, self.data, reporter=reporting.Reporter(None, out))
+    result = evaluation.evaluate_checkpoint(workdir, self.data, reporter=reporting.Reporter(None, out))
     self.assertEqual(result["valid"], trained["valid"])
     self.assertEqual(result["test"], trained["test"])
 
@@ -153,9 +154,9 @@ class ResumeTest(absltest.TestCase):
     # The straight run trained in float32; evaluating it in bfloat16 rounds the products' inputs:
     # close to the float32 numbers, not equal to them.
     reporter = reporting.Reporter(None, io.StringIO())
-    want = loop.evaluate_checkpoint(self.straight_dir, self.data, step=140, reporter=reporter)
+    want = evaluation.evaluate_checkpoint(self.straight_dir, self.data, step=140, reporter=reporter)
     out = io.StringIO()
-    got = loop.evaluate_checkpoint(self.straight_dir, self.data, step=140, dtype="bfloat16",
+    got = evaluation.evaluate_checkpoint(self.straight_dir, self.data, step=140, dtype="bfloat16",
                                    reporter=reporting.Reporter(None, out))
     self.assertIn("in bfloat16", out.getvalue())
     self.assertNotEqual((got["valid"], got["test"]), (want["valid"], want["test"]))
@@ -177,7 +178,7 @@ class ResumeTest(absltest.TestCase):
     self.assertGreater(valid[-1]["perplexity"], 2 * best["perplexity"])
     out = io.StringIO()
     reporter = reporting.Reporter(None, out)
-    result = loop.evaluate_checkpoint(workdir, self.data, reporter=reporter)
+    result = evaluation.evaluate_checkpoint(workdir, self.data, reporter=reporter)
     self.assertEqual(result["step"], best["step"])
     self.assertEqual(result["valid"], best["perplexity"])  # that epoch's validation, recomputed
     self.assertEqual([r["epoch"] for r in reporter.records], [best["epoch"]] * 2)
@@ -190,14 +191,14 @@ class ResumeTest(absltest.TestCase):
     final = [r for r in helpers.read_metrics(self.straight_dir) if r["split"] == "valid"][-1]
     self.assertEqual((final["step"], final["epoch"]), (140, 2))
     reporter = reporting.Reporter(None, io.StringIO())
-    result = loop.evaluate_checkpoint(self.straight_dir, self.data, step=140, reporter=reporter)
+    result = evaluation.evaluate_checkpoint(self.straight_dir, self.data, step=140, reporter=reporter)
     self.assertEqual(result["valid"], final["perplexity"])
     self.assertEqual([r["epoch"] for r in reporter.records], [2, 2])
 
   def test_evaluate_without_checkpoint_says_so(self):
     workdir = self.create_tempdir().full_path
     with self.assertRaisesRegex(checkpoint_lib.CheckpointError, "no checkpoint in"):
-      loop.evaluate_checkpoint(workdir, self.data)
+      evaluation.evaluate_checkpoint(workdir, self.data)
 
 
 class SignalTest(absltest.TestCase):

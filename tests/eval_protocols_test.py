@@ -7,6 +7,7 @@ from absl.testing import absltest
 
 from scripts import eval_protocols
 from tests import helpers
+from zaremba_jax import evaluation
 from zaremba_jax import loop
 from zaremba_jax import reporting
 
@@ -18,7 +19,7 @@ class EvalProtocolsTest(absltest.TestCase):
     workdir = tempfile.mkdtemp()
     config = helpers.tiny_config(max_max_epoch=1, hidden_size=16)
     loop.train_and_evaluate(config, data, workdir, reporting.Reporter(workdir, io.StringIO()))
-    want = loop.evaluate_checkpoint(workdir, data, reporter=reporting.Reporter(None, io.StringIO()))
+    want = evaluation.evaluate_checkpoint(workdir, data, reporter=reporting.Reporter(None, io.StringIO()))
     got = eval_protocols.protocols(workdir, data)
     names = list(got)
     self.assertTrue(names[0].endswith("(ours)"))

@@ -4,6 +4,7 @@ Values and gradients, float32 and bfloat16, for every form a plan can choose. Th
 built here by hand, so each form is tested on any machine, whatever `resolve` would pick.
 """
 
+import functools
 import itertools
 
 import jax
@@ -463,7 +464,8 @@ class TrainWithBothKernelsTest(parameterized.TestCase):
       model = model_lib.make_model(config.replace(kernels=name), 13)
       tx = train_lib.make_optimizer(config, 100)
       state = train_lib.create_train_state(config, model, tx, jax.random.key(0))
-      state, metrics = train_lib.jit_train_steps(model, tx)(
+      steps = jax.jit(functools.partial(train_lib.train_steps, model=model, tx=tx))
+      state, metrics = steps(
           state, tokens_KxBxT[:, :, :-1], tokens_KxBxT[:, :, 1:])
       results[name] = (state.params, metrics["nll_sum"])
     (fast_params, fast_nll), (ref_params, ref_nll) = results["fast"], results["reference"]

@@ -1,5 +1,6 @@
 """K members trained as one program: each is exactly a single run with its own seed; averaging."""
 
+import functools
 import io
 import os
 import tempfile
@@ -12,7 +13,9 @@ from absl.testing import absltest
 from zaremba_jax import checkpoint as checkpoint_lib
 from zaremba_jax import config as config_lib
 from zaremba_jax import data as data_lib
+from zaremba_jax import evaluation
 from zaremba_jax import kernels
+from zaremba_jax import members as members_lib
 from zaremba_jax import loop
 from zaremba_jax import model as model_lib
 from zaremba_jax import reporting
@@ -73,9 +76,9 @@ class MembersEqualSingleRunsTest(absltest.TestCase):
   def test_evaluate_averages_separate_runs_as_one_members_run(self):
     out = io.StringIO()
     reporter = reporting.Reporter(None, out)
-    together = loop.evaluate_checkpoint(self.workdir, self.data, reporter=reporter,
+    together = evaluation.evaluate_checkpoint(self.workdir, self.data, reporter=reporter,
                                         ensemble_sizes=(1, 3))
-    apart = loop.evaluate_checkpoint(",".join(self.single_dirs), self.data,
+    apart = evaluation.evaluate_checkpoint(",".join(self.single_dirs), self.data,
                                      reporter=reporting.Reporter(None, io.StringIO()))
     for split in ("valid", "test"):
       self.assertAlmostEqual(together[split], apart[split], delta=1e-4 * apart[split])
@@ -85,7 +88,7 @@ class MembersEqualSingleRunsTest(absltest.TestCase):
     first = float(log.split("(average of the first 1 of 3 members)")[0].split("ppl")[-1])
     self.assertAlmostEqual(first, reporter.records[0]["member_perplexity"][0], places=2)
     with self.assertRaisesRegex(checkpoint_lib.CheckpointError, "give sizes from 1 to 3"):
-      loop.evaluate_checkpoint(self.workdir, self.data, ensemble_sizes=(4,),
+      evaluation.evaluate_checkpoint(self.workdir, self.data, ensemble_sizes=(4,),
                                reporter=reporting.Reporter(None, io.StringIO()))
 
   def test_runs_of_another_level_are_refused(self):
@@ -94,8 +97,14 @@ class MembersEqualSingleRunsTest(absltest.TestCase):
         char_dir)
     with self.assertRaisesRegex(checkpoint_lib.ResumeError, "is char-level than .*; average runs"
                                 " of one level"):
-      loop.evaluate_checkpoint(f"{self.workdir},{char_dir}", self.data,
+      evaluation.evaluate_checkpoint(f"{self.workdir},{char_dir}", self.data,
                                reporter=reporting.Reporter(None, io.StringIO()))
+
+
+def fresh_members(config, model, tx):
+  """`config.members` fresh TrainStates stacked, as a run starts them (seeds seed, seed+1, ...)."""
+  make_one = functools.partial(train_lib.create_train_state, config, model, tx)
+  return members_lib.create(make_one, range(config.seed, config.seed + config.members))
 
 
 class EnsembleTest(absltest.TestCase):
@@ -107,7 +116,7 @@ class EnsembleTest(absltest.TestCase):
     self.config = helpers.tiny_config(init_scale=1.0, members=2)
     self.model = model_lib.make_model(self.config, 9)
     tx = train_lib.make_optimizer(self.config, 10)
-    self.params = train_lib.create_members(self.config, self.model, tx).params
+    self.params = fresh_members(self.config, self.model, tx).params
     self.stream = np.random.default_rng(3).integers(0, 9, size=23).astype(np.int32)
 
   def by_hand(self):
@@ -126,12 +135,14 @@ class EnsembleTest(absltest.TestCase):
   def test_ensemble_is_the_mean_of_probabilities(self):
     windows = data_lib.eval_windows(data_lib.batchify(self.stream, 1), 8)
     planned = model_lib.planned_for(self.model, 1, windows[0].size)
-    member_nll, nll_NxKxBxT, count = train_lib.jit_evaluate_members(planned)(self.params, *windows)
+    member_nll, nll_KxNxBxT, count_K = jax.jit(functools.partial(
+        evaluation.evaluate_members, model=planned))(self.params, *windows)
+    count = count_K[0]
     probs_KxN = self.by_hand()
     self.assertEqual(int(count), 22)
     np.testing.assert_allclose(member_nll, -np.log(probs_KxN).sum(1), rtol=1e-4)
-    nll_KxP = np.moveaxis(np.asarray(nll_NxKxBxT), 1, 0).reshape(2, -1)
-    got = train_lib.ensemble_nll(nll_KxP, np.asarray(windows[2]).reshape(-1))
+    nll_KxP = np.asarray(nll_KxNxBxT).reshape(2, -1)
+    got = members_lib.ensemble_nll(nll_KxP, np.asarray(windows[2]).reshape(-1))
     want = -np.log(probs_KxN.mean(0)).sum()  # the mean of probabilities, not of log-probabilities
     self.assertAlmostEqual(got, want, places=3)
     self.assertGreater(abs(want + np.log(probs_KxN).mean(0).sum()), 1e-3)  # the two differ here
@@ -159,41 +170,41 @@ class PerMemberClippingTest(absltest.TestCase):
     config = helpers.tiny_config(members=2, max_grad_norm=1.0)
     model = model_lib.make_model(config, 13)
     tx = train_lib.make_optimizer(config, 100)
-    state = train_lib.create_members(config, model, tx)
+    state = fresh_members(config, model, tx)
     # Member 0's weights are blown up (a huge gradient, clipped hard); member 1's are as made.
     state = state.replace(params=jax.tree.map(lambda x: x.at[0].multiply(30.0), state.params))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 13, size=(2, 4, 6)), jnp.int32)
     member_1 = jax.tree.map(lambda x: x[1], state)  # before the call donates `state`
-    new, metrics = train_lib.jit_member_train_steps(model, tx)(
+    steps = functools.partial(train_lib.train_steps, model=model, tx=tx)
+    new, metrics = jax.jit(members_lib.lift(steps, (0, None, None)))(
         state, tokens[:, :, :-1], tokens[:, :, 1:])
     self.assertGreater(float(metrics["grad_norm"][0, 0]), 10 * float(metrics["grad_norm"][1, 0]))
-    want, _ = train_lib.jit_train_steps(model, tx)(member_1, tokens[:, :, :-1], tokens[:, :, 1:])
+    want, _ = jax.jit(steps)(member_1, tokens[:, :, :-1], tokens[:, :, 1:])
     for got, expected in zip(jax.tree.leaves(jax.tree.map(lambda x: x[1], new.params)),
                              jax.tree.leaves(want.params)):
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 
-class OneModelCheckpointTest(absltest.TestCase):
-  """A workdir written before members existed (no member axis) still loads, as one member."""
+class ParamsOnlyTest(absltest.TestCase):
+  """Inference reads the parameters alone: the optimizer state is never rebuilt or read."""
 
-  def test_old_checkpoint_loads_as_one_member(self):
-    config = helpers.tiny_config()
+  def test_loads_beside_an_optimizer_state_of_another_shape(self):
+    config = helpers.tiny_config(members=2)
     model = model_lib.make_model(config, 12)
-    tx = train_lib.make_optimizer(config, 10)
-    state = train_lib.create_train_state(config, model, tx, jax.random.key(0))
-    saved_config = config.to_dict()
-    del saved_config["members"]
+    state = fresh_members(config, model, train_lib.make_optimizer(config, 10))
+    # An optimizer state no optimizer of this config makes: a restore that built one to read
+    # the whole TrainState would refuse the checkpoint.
+    state = state.replace(opt_state={"momentum": jnp.ones((2, 3, 5))})
     workdir = self.create_tempdir().full_path
     ckpt = checkpoint_lib.Checkpointer(workdir)
-    progress = {"epoch": 2, "window": 0, "epoch_nll": 1.5, "epoch_count": 10}
-    ckpt.save(7, state, {"config": saved_config, "vocab": [f"w{i}" for i in range(12)],
-                         "progress": progress, "metrics": []})
+    ckpt.save(7, state, {"config": config.to_dict(), "vocab": [f"w{i}" for i in range(12)],
+                         "progress": {"epoch": 2, "window": 0}, "metrics": []})
     ckpt.close()
     trained = checkpoint_lib.load_trained(workdir)
+    self.assertEqual(trained.step, 7)
+    self.assertEqual(members_lib.count(trained.params), 2)
     for got, want in zip(jax.tree.leaves(trained.params), jax.tree.leaves(state.params)):
-      np.testing.assert_array_equal(got[0], want)
-    self.assertEqual(loop.Progress.from_dict({**loop.Progress().__dict__, **progress}).epoch_nll,
-                     [1.5])
+      np.testing.assert_array_equal(got, want)
 
 
 class BadInputTest(absltest.TestCase):

@@ -14,6 +14,7 @@ from absl.testing import parameterized
 
 from zaremba_jax import checkpoint as checkpoint_lib
 from zaremba_jax import data as data_lib
+from zaremba_jax import evaluation
 from zaremba_jax import loop
 from zaremba_jax import reporting
 from zaremba_jax import sample
@@ -101,7 +102,7 @@ class SampleTest(absltest.TestCase):
         nll -= logprobs[corpus.vocab.index(tokens[k + 1])]
     course = math.exp(5.6 * nll / (len(tokens) - 1))
     # The checkpoint served is the best by validation, not necessarily the last one trained.
-    evaluated = loop.evaluate_checkpoint(self.char_dir, self.data, dtype=dtype,
+    evaluated = evaluation.evaluate_checkpoint(self.char_dir, self.data, dtype=dtype,
                                          reporter=reporting.Reporter(None, io.StringIO()))
     self.assertAlmostEqual(course / evaluated["test"], 1.0, delta=1e-3)
     self.assertEqual(stderr.getvalue(), "")

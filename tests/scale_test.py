@@ -85,10 +85,10 @@ class DevicesTest(absltest.TestCase):
     """One train call on a (members=1, batch=4) mesh: the carry out is split by rows."""
     child = f"""
 import jax
-from zaremba_jax import loop, train as train_lib
+from zaremba_jax import data as data_lib, loop
 from tests import helpers
 config = helpers.tiny_config(members=2, mesh="members=1,batch=4")
-run = loop.Run(config, loop.load_corpus(config, {self.data!r}))
+run = loop.Run(config, data_lib.corpus_for(config, {self.data!r}))
 state = run.initial_state()
 inputs, targets = loop.data_lib.train_windows(run.rows_BxL, 0, 2, config.num_steps)
 state, _ = run.jit_train_steps()(state, run.place_windows(inputs), run.place_windows(targets))

@@ -172,8 +172,9 @@ class TrainStepFromACarryTest(absltest.TestCase):
     for inputs, targets in zip(self.inputs_KxBxT, self.targets_KxBxT):
       params, carry, nll_sum, _ = self.reference_step(params, carry, inputs, targets)
       nlls.append(nll_sum)
-    new_state, metrics = train_lib.jit_train_steps(self.model, self.tx)(
-        state, self.inputs_KxBxT, self.targets_KxBxT)
+    steps = jax.jit(functools.partial(train_lib.train_steps, model=self.model, tx=self.tx),
+                    donate_argnums=0)
+    new_state, metrics = steps(state, self.inputs_KxBxT, self.targets_KxBxT)
     self.assertEqual(int(new_state.step), 2)
     self.assert_trees_close(new_state.params, params, "params")
     self.assert_trees_close(tuple(new_state.carry), carry, "carry")
@@ -191,7 +192,9 @@ class EvaluateTest(absltest.TestCase):
     params = model.init(jax.random.key(2), stream[None, :5], model_lib.zero_state(2, 1, 16),
                         train=False)["params"]
     windows = data_lib.eval_windows(data_lib.batchify(stream, 1), 8)  # 22 predictions, padded
-    nll, count = train_lib.jit_evaluate(model)(params, *windows)
+    nll, nll_NxBxT, count = jax.jit(functools.partial(train_lib.evaluate, model=model))(
+        params, *windows)
+    self.assertAlmostEqual(float(nll_NxBxT.sum()), float(nll), places=3)
     carry, want = model_lib.zero_state(2, 1, 16), 0.0
     for t in range(len(stream) - 1):  # one token at a time, the state carried throughout
       logits, carry = model.apply({"params": params}, stream[None, t:t + 1], carry, train=False)
@@ -261,10 +264,10 @@ class CarryResetTest(absltest.TestCase):
     n_train = len(data_lib.read_words(f"{folder}/ptb.train.txt"))
     steps_per_epoch = (n_train // config.batch_size - 1) // config.num_steps
     calls = []  # (first step, carry in, windows, carry out) of each call
-    jit_train_steps = train_lib.jit_member_train_steps
+    jit_train_steps = loop.Run.jit_train_steps
 
-    def observed(model, tx, shardings=None):
-      train_steps = jit_train_steps(model, tx, shardings)
+    def observed(run):
+      train_steps = jit_train_steps(run)
       def call(state, inputs_KxBxT, targets_KxBxT):
         step, carry_in = int(state.step[0]), [np.array(a) for a in state.carry]  # before donation
         state, metrics = train_steps(state, inputs_KxBxT, targets_KxBxT)
@@ -272,7 +275,7 @@ class CarryResetTest(absltest.TestCase):
         return state, metrics
       return call
 
-    with mock.patch.object(train_lib, "jit_member_train_steps", observed):
+    with mock.patch.object(loop.Run, "jit_train_steps", observed):
       loop.train_and_evaluate(config, folder, None, reporting.Reporter(None, io.StringIO()))
     self.assertEqual(sum(k for _, _, k, _ in calls), 3 * steps_per_epoch)
     self.assertGreater(len(calls), 3 * 3)  # several calls an epoch, so "only there" is tested

@@ -18,6 +18,7 @@ import numpy as np
 from zaremba_jax import checkpoint as checkpoint_lib
 from zaremba_jax import config as config_lib
 from zaremba_jax import data as data_lib
+from zaremba_jax import evaluation
 from zaremba_jax import loop
 from zaremba_jax import mesh as mesh_lib
 from zaremba_jax import reporting
@@ -139,13 +140,13 @@ def load(workdir: str, step: int | None = None) -> Trained:
 
 
 def evaluate(workdir: str, data_dir: str | None = None, step: int | None = None) -> dict:
-  """Valid and test perplexity of a run's best checkpoint, as `--mode=evaluate` (loop.evaluate_checkpoint).
+  """Valid and test perplexity of a run's best checkpoint, as `--mode=evaluate` (evaluation.evaluate_checkpoint).
 
   `workdir` may be several runs, "runs/a,runs/b": their members' probabilities are averaged.
 
     evaluate("runs/small")  # {'step': 17290, 'valid': 120.1, 'test': 115.0}
   """
-  return loop.evaluate_checkpoint(workdir, data_dir, step)
+  return evaluation.evaluate_checkpoint(workdir, data_dir, step)
 
 
 def _predictor(trained) -> sample_lib.Predictor:

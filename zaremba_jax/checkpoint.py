@@ -19,7 +19,6 @@ from absl import logging
 
 from zaremba_jax import config as config_lib
 from zaremba_jax import model as model_lib
-from zaremba_jax import train as train_lib
 
 LATEST = "checkpoints"
 BEST = "best"
@@ -141,7 +140,7 @@ class Checkpointer:
         f" rerun the same command to resume") from error
 
   def restore(self, target, kind: str = LATEST, step: int | None = None, check=None,
-              target_from_meta=None, say=print, shardings=None):
+              target_from_meta=None, say=print, shardings=None, partial: bool = False):
     """Restores (state, meta) from the newest readable checkpoint of `kind` (or exactly `step`).
 
     Args:
@@ -152,6 +151,8 @@ class Checkpointer:
       target_from_meta: builds the target from the checkpoint's meta (instead of `target`).
       say: where warnings go.
       shardings: where the arrays go (a pytree like `target`; default: the first device).
+      partial: the target names only some of the saved state's fields (e.g. {'params': ...}):
+        only those are read.
 
     Unreadable checkpoints (a truncated or deleted file) are skipped with a warning naming them.
 
@@ -168,17 +169,14 @@ class Checkpointer:
         continue
       if check:
         check(meta)
-      goal = target_from_meta(meta) if target_from_meta else target
-      # Written before members existed: one model's state, without the leading member axis.
-      one_model = "members" not in meta["config"]
-      if one_model:  # restored on one device; the caller places it
-        goal = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), goal)
+      goal = abstract(target_from_meta(meta) if target_from_meta else target, shardings)
+      if partial:
+        args = ocp.args.PyTreeRestore(item=goal, partial_restore=True,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(goal))
+      else:
+        args = ocp.args.StandardRestore(goal)
       try:
-        state = self._manager(kind).restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract(goal, None if one_model else shardings))
-        )).state
-        if one_model:
-          state = jax.tree.map(lambda x: x[None], state)
+        state = self._manager(kind).restore(candidate, args=ocp.args.Composite(state=args)).state
         return state, meta, candidate
       except Exception as e:  # pylint: disable=broad-except
         self._skip(path, e, say)
@@ -261,12 +259,29 @@ class Trained:
   path: str
 
 
+def _model_of(meta: dict, dtype: str | None):
+  """The Config (with `dtype`, if given, as its matmul dtype) and model a checkpoint was made by."""
+  config = config_lib.Config(**meta["config"])
+  if dtype is not None:
+    config = config.replace(dtype=dtype)
+  return config, model_lib.make_model(config, len(meta["vocab"]))
+
+
+def _params_target(meta: dict) -> dict:
+  """Shapes and dtypes of a checkpoint's parameters, every member's: what inference restores."""
+  config, model = _model_of(meta, None)
+  one = jax.eval_shape(lambda: model_lib.init_params(model, jax.random.key(0)))
+  return {"params": jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((config.members, *x.shape), x.dtype), one)}
+
+
 def load_trained(workdir: str, step: int | None = None, say=print,
                  dtype: str | None = None) -> Trained:
   """Loads the best checkpoint in `workdir` (the latest if none is marked best), or `step`.
 
-  The model's flags and vocabulary come from the checkpoint itself; `dtype`, if given, replaces
-  its matmul dtype (the parameters are float32 either way).
+  Reads the parameters alone (no optimizer state, carry or keys). The model's flags and
+  vocabulary come from the checkpoint itself; `dtype`, if given, replaces its matmul dtype (the
+  parameters are float32 either way).
 
   Raises:
     CheckpointError: there is no such checkpoint, or none is readable.
@@ -274,35 +289,25 @@ def load_trained(workdir: str, step: int | None = None, say=print,
   ckpt = Checkpointer(workdir)
   try:
     latest, best = ckpt.steps(LATEST), ckpt.steps(BEST)
-    if step is not None:
-      if step not in latest + best:
-        raise CheckpointError(f"no checkpoint {step} in {workdir}; it has steps"
-                              f" {sorted(set(latest + best))}; pick one with --checkpoint_step")
-      kind = LATEST if step in latest else BEST
-    else:
-      kind = BEST if best else LATEST
     if not (latest + best):
       raise CheckpointError(f"no checkpoint in {workdir}; train there first"
                             f" (--mode=train --workdir={workdir})")
-    holder = {}
-
-    def build_target(meta):
-      config = config_lib.Config(**meta["config"])
-      if dtype is not None:
-        config = config.replace(dtype=dtype)
-      model = model_lib.make_model(config, len(meta["vocab"]))
-      holder.update(config=config, model=model)
-      return train_lib.abstract_train_state(config, model, train_lib.make_optimizer(config, 1))
-
-    restored = ckpt.restore(None, kind=kind, step=step, target_from_meta=build_target, say=say)
+    if step is not None and step not in latest + best:
+      raise CheckpointError(f"no checkpoint {step} in {workdir}; it has steps"
+                            f" {sorted(set(latest + best))}; pick one with --checkpoint_step")
+    kind = (LATEST if step in latest else BEST) if step is not None else (BEST if best else LATEST)
+    restored = ckpt.restore(None, kind=kind, step=step, target_from_meta=_params_target, say=say,
+                            partial=True)
     if restored is None:
       raise CheckpointError(f"no readable checkpoint in {os.path.join(workdir, kind)}")
     state, meta, saved_step = restored
   finally:
     ckpt.close()
-  return Trained(config=holder["config"], vocab=tuple(meta["vocab"]), model=holder["model"],
-                 params=state.params, step=saved_step,
+  config, model = _model_of(meta, dtype)
+  progress = meta["progress"]
+  return Trained(config=config, vocab=tuple(meta["vocab"]), model=model,
+                 params=state["params"], step=saved_step,
                  # A checkpoint taken at an epoch's end (after its validation) already points
                  # at the next epoch's first window; one taken inside an epoch, at a later window.
-                 epoch=max(1, meta["progress"]["epoch"] - (meta["progress"]["window"] == 0)),
+                 epoch=max(1, progress["epoch"] - (progress["window"] == 0)),
                  path=os.path.join(workdir, kind, str(saved_step)))

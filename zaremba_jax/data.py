@@ -215,6 +215,12 @@ def load_corpus(folder: str, level: str = "word") -> Corpus:
   return Corpus(vocab=tuple(vocab), **ids)
 
 
+def corpus_for(config, data_dir: str | None = None) -> Corpus:
+  """The corpus a run of `config` reads: its level of PTB from `data_dir` (None: $ZAREMBA_JAX_DATA,
+  else the download cache)."""
+  return load_corpus(resolve_data_dir(data_dir), config.level)
+
+
 def batchify(stream: np.ndarray, batch_size: int) -> np.ndarray:
   """Cuts a token stream into `batch_size` contiguous rows, dropping the tail that doesn't fit.
 

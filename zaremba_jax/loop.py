@@ -5,6 +5,7 @@ command again continues from the newest checkpoint, bit-exactly.
 """
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -13,6 +14,8 @@ import numpy as np
 
 from zaremba_jax import checkpoint as checkpoint_lib
 from zaremba_jax import data as data_lib
+from zaremba_jax import evaluation
+from zaremba_jax import members as members_lib
 from zaremba_jax import mesh as mesh_lib
 from zaremba_jax import model as model_lib
 from zaremba_jax import reporting
@@ -35,14 +38,6 @@ class Progress:
   train_seconds: float = 0.0
   train_words: int = 0
   minutes: float = 0.0
-
-  @classmethod
-  def from_dict(cls, saved: dict) -> "Progress":
-    """A saved Progress; one from before members (a float epoch_nll) is one member's."""
-    saved = dict(saved)
-    if not isinstance(saved["epoch_nll"], list):
-      saved["epoch_nll"] = [saved["epoch_nll"]]
-    return cls(**saved)
 
   def start_epoch(self, members: int) -> None:
     self.epoch_nll, self.epoch_count = [0.0] * members, 0
@@ -74,49 +69,6 @@ class Progress:
     self.window = 0
 
 
-class Evaluator:
-  """Validation (training batch and window) and the paper's batch-1 test, each jitted once.
-
-  Each split's model is planned for its stream (`model_lib.planned_for`).
-  """
-
-  def __init__(self, config, corpus: data_lib.Corpus, model, mesh=None):
-    self.mesh = mesh
-    self.windows = {
-        "valid": data_lib.eval_windows(data_lib.batchify(corpus.valid, config.batch_size),
-                                       config.num_steps),
-        "test": data_lib.eval_windows(data_lib.batchify(corpus.test, 1), config.test_chunk),
-    }
-    self.evaluate = {}
-    for split, (inputs_NxBxT, _, _) in self.windows.items():
-      planned = model_lib.planned_for(model, inputs_NxBxT.shape[1], inputs_NxBxT.size)
-      self.evaluate[split] = train_lib.jit_evaluate_members(planned)
-
-  def __call__(self, params, split: str, tokens: bool = False) -> dict:
-    """{'nll_sum' (the ensemble's), 'count', 'member_nll'} over `split`, and with `tokens` the
-    NLL of every target under each member ('token_nll' [K, positions], 'mask' [positions])."""
-    windows = self.windows[split]
-    if self.mesh is not None:  # the same windows on every device and process
-      windows = mesh_lib.put(windows, jax.tree.map(lambda _: mesh_lib.replicated(self.mesh),
-                                                   windows))
-    member_nll_K, nll_NxKxBxT, count = to_host(self.mesh,
-                                               self.evaluate[split](params, *windows))
-    result = {"member_nll": [float(x) for x in member_nll_K], "count": float(count)}
-    nll_KxP = np.moveaxis(np.asarray(nll_NxKxBxT), 1, 0).reshape(len(member_nll_K), -1)
-    mask_P = np.asarray(self.windows[split][2]).reshape(-1)
-    # One member is its own ensemble: its sum as `evaluate` makes it.
-    result["nll_sum"] = (result["member_nll"][0] if len(member_nll_K) == 1 else
-                         train_lib.ensemble_nll(nll_KxP, mask_P))
-    if tokens:
-      result.update(token_nll=nll_KxP, mask=mask_P)
-    return result
-
-
-def to_host(mesh, tree):
-  """Arrays as numpy on the host (on a mesh of several processes, gathered on every one)."""
-  return jax.device_get(tree) if mesh is None else mesh_lib.to_host(tree)
-
-
 class Run:
   """The pieces of a run that depend on the config and the corpus, built once.
 
@@ -139,8 +91,15 @@ class Run:
     self.log_every = max(1, self.steps_per_epoch // config.log_per_epoch)
     self.words_per_step = config.batch_size * config.num_steps
 
+  def fresh_members(self) -> train_lib.TrainState:
+    """`config.members` TrainStates stacked on a leading member axis: member i starts as a single
+    run with seed `config.seed + i` would, with its own parameters and dropout key."""
+    c = self.config
+    make_one = functools.partial(train_lib.create_train_state, c, self.model, self.tx)
+    return members_lib.create(make_one, range(c.seed, c.seed + c.members))
+
   def initial_state(self) -> train_lib.TrainState:
-    return self.place(train_lib.create_members(self.config, self.model, self.tx))
+    return self.place(self.fresh_members())
 
   def state_shardings(self):
     """Where each leaf of the state goes on the mesh (None without one)."""
@@ -156,19 +115,27 @@ class Run:
     return array_SxBxT if self.mesh is None else mesh_lib.put_batch(self.mesh, array_SxBxT)
 
   def jit_train_steps(self):
-    shardings = None
-    if self.mesh is not None:
-      shardings = (self.state_shardings(), mesh_lib.batch_sharding(self.mesh),
-                   mesh_lib.member_sharding(self.mesh))
-    return train_lib.jit_member_train_steps(self.model, self.tx, shardings)
+    """`train.train_steps` for every member on the same windows, jitted (on the mesh, if any)."""
+    steps = members_lib.lift(functools.partial(train_lib.train_steps, model=self.model,
+                                               tx=self.tx), (0, None, None))
+    if self.mesh is None:
+      return jax.jit(steps, donate_argnums=0)
+    state, inputs = self.state_shardings(), mesh_lib.batch_sharding(self.mesh)
+    return jax.jit(steps, donate_argnums=0, in_shardings=(state, inputs, inputs),
+                   out_shardings=(state, mesh_lib.member_sharding(self.mesh)))
 
   def abstract_state(self):
-    return train_lib.abstract_train_state(self.config, self.model, self.tx)
+    """Shapes and dtypes of fresh members' TrainState (nothing is computed): a restore target."""
+    return jax.eval_shape(self.fresh_members)
 
-  def zero_carry(self):
+  def zero_carry(self, members: int):
     """Every member's zero state, [K, L, B, H]: the carry at each epoch's start."""
     c = self.config
-    return model_lib.zero_state(c.num_layers, c.batch_size, c.hidden_size, members=c.members)
+    carry = model_lib.zero_state(c.num_layers, c.batch_size, c.hidden_size, members=members)
+    if self.mesh is not None:
+      carry = mesh_lib.put(carry, jax.tree.map(lambda _: mesh_lib.carry_sharding(self.mesh),
+                                               carry))
+    return carry
 
   def learning_rate(self, epoch: int) -> float:
     c = self.config
@@ -178,10 +145,6 @@ class Run:
     """What a checkpoint holds beside the TrainState."""
     return {"config": self.config.to_dict(), "vocab": list(self.corpus.vocab),
             "progress": dataclasses.asdict(progress), "metrics": records}
-
-
-def load_corpus(config, data_dir):
-  return data_lib.load_corpus(data_lib.resolve_data_dir(data_dir), config.level)
 
 
 def start_or_resume(run: Run, ckpt, reporter, restart: bool):
@@ -202,9 +165,7 @@ def start_or_resume(run: Run, ckpt, reporter, restart: bool):
                             shardings=run.state_shardings())
     if restored:
       state, meta, saved_step = restored
-      if "members" not in meta["config"]:  # one model's, restored on one device
-        state = run.place(state)
-      progress = Progress.from_dict(meta["progress"])
+      progress = Progress(**meta["progress"])
       reporter.restore(meta["metrics"])
       reporter.start = time.time() - 60 * progress.minutes
       reporter.say(f"resuming from {ckpt.name}/checkpoints/{saved_step}: epoch"
@@ -221,9 +182,11 @@ class Training:
     self.state, self.progress = state, progress
     self.ckpt, self.reporter = ckpt, reporter
     self.train_steps = run.jit_train_steps()
-    self.evaluator = Evaluator(run.config, run.corpus, run.model, run.mesh)
-    self.step = int(to_host(run.mesh, state.step)[0])  # a host copy (every member's is the same): reading state.step
-    # would wait for the device each step
+    self.tic, self.words_since = time.time(), 0  # since the last progress line
+    self.evaluator = evaluation.Evaluator(run.config, run.corpus, run.model, run.mesh)
+    # A host copy of the step (every member's is the same): reading state.step would wait for
+    # the device each step.
+    self.step = int(mesh_lib.fetch(run.mesh, state.step)[0])
 
   def capped(self) -> bool:
     return bool(self.config.max_train_steps and self.step >= self.config.max_train_steps)
@@ -259,14 +222,11 @@ class Training:
     progress, run = self.progress, self.run
     lr = run.learning_rate(progress.epoch)
     if progress.window == 0:
-      carry = run.zero_carry()
-      if run.mesh is not None:
-        carry = mesh_lib.put(carry, jax.tree.map(lambda _: mesh_lib.carry_sharding(run.mesh),
-                                                 carry))
-      self.state = self.state.replace(carry=carry)
-      progress.start_epoch(self.config.members)
+      members = members_lib.count(self.state.params)
+      self.state = self.state.replace(carry=run.zero_carry(members))
+      progress.start_epoch(members)
     pending = []  # per-call metrics, still on the device
-    tic, words_since = time.time(), 0
+    self.tic, self.words_since = time.time(), 0
     while progress.window < run.steps_per_epoch:
       count = self.steps_this_call()
       inputs_KxBxT, targets_KxBxT = data_lib.train_windows(run.rows_BxL, progress.window,
@@ -275,22 +235,13 @@ class Training:
                                              run.place_windows(targets_KxBxT))
       pending.append(metrics)
       progress.window += count
-      words_since += count * run.words_per_step
+      self.words_since += count * run.words_per_step
       self.step += count
       at_end = progress.window == run.steps_per_epoch
       # A line every log_every windows, and one at the epoch's end (not one just before it).
       near_end = run.steps_per_epoch - progress.window < run.log_every // 2
       if (progress.window % run.log_every == 0 and not near_end) or at_end or self.capped():
-        last = self._flush(pending)
-        seconds = time.time() - tic
-        progress.add_time(seconds, words_since)
-        self.reporter.train_progress(
-            step=self.step, epoch=progress.epoch, fraction=progress.window / run.steps_per_epoch,
-            nll_sum=sum(progress.epoch_nll) / len(progress.epoch_nll), count=progress.epoch_count,
-            member_nll=progress.epoch_nll,
-            words_per_sec=words_since / seconds, learning_rate=lr,
-            grad_norm=float(np.mean(last["grad_norm"])))
-        tic, words_since = time.time(), 0
+        self._report_progress(pending, lr)
       reason = stop_requested(self.step)
       if reason or self.capped() or (self.ckpt and not at_end and
                                      self.step % self.config.checkpoint_every_steps == 0):
@@ -302,10 +253,23 @@ class Training:
         return None
     return None
 
+  def _report_progress(self, pending: list, learning_rate: float) -> None:
+    """A progress line: the epoch's training perplexity so far, the speed since the last line."""
+    progress, run = self.progress, self.run
+    last = self._flush(pending)
+    seconds = time.time() - self.tic
+    progress.add_time(seconds, self.words_since)
+    self.reporter.train_progress(
+        step=self.step, epoch=progress.epoch, fraction=progress.window / run.steps_per_epoch,
+        nll_sum=sum(progress.epoch_nll) / len(progress.epoch_nll), count=progress.epoch_count,
+        member_nll=progress.epoch_nll, words_per_sec=self.words_since / seconds,
+        learning_rate=learning_rate, grad_norm=float(np.mean(last["grad_norm"])))
+    self.tic, self.words_since = time.time(), 0
+
   def _flush(self, pending: list) -> dict | None:
     """Adds the pending metrics' NLL to the epoch's; returns the last step's metrics."""
     last = None
-    for metrics in to_host(self.run.mesh, pending):
+    for metrics in mesh_lib.fetch(self.run.mesh, pending):
       self.progress.add_nll(metrics["nll_sum"], self.run.words_per_step)
       last = {name: values[:, -1] for name, values in metrics.items()}  # [members]
     pending.clear()
@@ -366,14 +330,15 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
     reporter = reporting.Reporter(workdir if primary else None,
                                   None if primary else open(os.devnull, "w", encoding="utf-8"))
   reporter.level = config.level
-  run = Run(config, load_corpus(config, data_dir))
+  run = Run(config, data_lib.corpus_for(config, data_dir))
   ckpt = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints) if workdir else None
   try:
     state, progress = start_or_resume(run, ckpt, reporter, restart)
     training = Training(run, state, progress, ckpt, reporter)
     corpus = run.corpus
-    n_params = sum(p.size for p in jax.tree.leaves(state.params)) // config.members
-    members = f" x {config.members} members" if config.members > 1 else ""
+    count = members_lib.count(state.params)
+    n_params = sum(p.size for p in jax.tree.leaves(state.params)) // count
+    members = f" x {count} members" if count > 1 else ""
     reporter.say(f"{config.level}-level PTB: vocabulary {corpus.vocab_size}, train/valid/test"
                  f" tokens {len(corpus.train)}/{len(corpus.valid)}/{len(corpus.test)};"
                  f" {n_params:,} parameters{members};"
@@ -397,70 +362,3 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
                f" {minutes:.1f} min  train {config.level}s/s {progress.words_per_sec():.0f}")
   return {"valid": valid_ppl, "test": test_ppl, "minutes": minutes,
           "words_per_sec": progress.words_per_sec(), "state": training.state}
-
-
-def evaluate_checkpoint(workdir: str, data_dir: str | None, step: int | None = None,
-                        reporter: reporting.Reporter | None = None,
-                        ensemble_sizes: tuple[int, ...] = (), dtype: str | None = None) -> dict:
-  """Evaluates the best checkpoint in `workdir` (or the one at `step`) on valid and test.
-
-  `workdir` may name several runs, comma-separated ("runs/a,runs/b"): their members are averaged
-  together (the mean of their next-token probabilities). The runs must share the level and the
-  vocabulary; sizes may differ. Every run is evaluated over the first run's validation windows
-  and the batch-1 test stream. The model's flags come from the checkpoints, so none need be given.
-
-  Args:
-    workdir: one run's folder, or several separated by commas.
-    data_dir: PTB's folder (None: $ZAREMBA_JAX_DATA or the download cache).
-    step: this checkpoint instead of the best (one run only).
-    reporter: where results go (default: stdout, and the run's metrics.jsonl for one run).
-    ensemble_sizes: also report the average of the first k members for each k given.
-    dtype: the matmul dtype to evaluate in, instead of each checkpoint's own.
-
-  Returns:
-    {'valid', 'test': the ensemble's headline numbers, 'step': the checkpoint's step (one run)}.
-  """
-  workdirs = [w for w in workdir.split(",") if w]
-  if step is not None and len(workdirs) > 1:
-    raise checkpoint_lib.CheckpointError("--checkpoint_step picks a checkpoint of one run; leave"
-                                         " it out to average the best checkpoints of several")
-  reporter = reporter or reporting.Reporter(workdirs[0] if len(workdirs) == 1 else None)
-  runs = [checkpoint_lib.load_trained(w, step, say=reporter.say, dtype=dtype) for w in workdirs]
-  first = runs[0]
-  for name, trained in zip(workdirs[1:], runs[1:]):
-    if trained.config.level != first.config.level or trained.vocab != first.vocab:
-      what = ("is " + trained.config.level + "-level" if trained.config.level != first.config.level
-              else "has another vocabulary")
-      raise checkpoint_lib.ResumeError(f"{name} {what} than {workdirs[0]}; average runs of one"
-                                       f" level trained on one corpus")
-  config = first.config
-  reporter.level = config.level
-  corpus = load_corpus(config, data_dir)
-  for trained in runs:
-    checkpoint_lib.check_vocab(corpus.vocab, trained.vocab, "")
-  reporter.say(f"evaluating {', '.join(t.path for t in runs)} in {config.dtype}")
-  evaluators = [Evaluator(config, corpus, t.model) for t in runs]
-  members = sum(jax.tree.leaves(t.params)[0].shape[0] for t in runs)
-  epoch = first.epoch if len(runs) == 1 else 0
-  result = {"step": first.step}
-  for split in ("valid", "test"):
-    parts = [ev(t.params, split, tokens=True) for ev, t in zip(evaluators, runs)]
-    count, mask = parts[0]["count"], parts[0]["mask"]
-    member_nll = [x for part in parts for x in part["member_nll"]]
-    token_nll = np.concatenate([part["token_nll"] for part in parts])
-    nll_sum = (parts[0]["nll_sum"] if members == 1 else
-               train_lib.ensemble_nll(token_nll, mask))
-    result[split] = reporter.eval_result(step=first.step, epoch=epoch, split=split,
-                                         learning_rate=float("nan"), nll_sum=nll_sum,
-                                         count=count, member_nll=member_nll)
-    for k in ensemble_sizes:
-      if not 1 <= k <= members:
-        raise checkpoint_lib.CheckpointError(f"--ensemble_sizes={k}: the checkpoints hold"
-                                             f" {members} members; give sizes from 1 to"
-                                             f" {members}")
-      _, text, _ = reporter.measures(train_lib.ensemble_nll(token_nll[:k], mask), count)
-      reporter.say(f"{split} {text}  (average of the first {k} of {members} members)")
-  name = reporter.headline_name()
-  reporter.say(f"summary: valid {name} {result['valid']:.2f}  test {name} {result['test']:.2f}"
-               f"  ({'checkpoint ' + str(first.step) if len(runs) == 1 else f'{members} members of {len(runs)} runs'})")
-  return result

@@ -169,6 +169,7 @@ def main(argv):
   # Imported here so that --help and flag errors don't wait for jax.
   from zaremba_jax import checkpoint as checkpoint_lib
   from zaremba_jax import data as data_lib
+  from zaremba_jax import evaluation
   from zaremba_jax import loop
   from zaremba_jax import mesh as mesh_lib
   # Before any other jax call: joins the processes of a multi-host run.
@@ -180,12 +181,12 @@ def main(argv):
       loop.train_and_evaluate(config, FLAGS.data_dir, FLAGS.workdir, restart=FLAGS.restart,
                               stop_requested=StopOnSignal())
     elif config.mode == "evaluate":
-      loop.evaluate_checkpoint(FLAGS.workdir, FLAGS.data_dir, FLAGS.checkpoint_step,
+      evaluation.evaluate_checkpoint(FLAGS.workdir, FLAGS.data_dir, FLAGS.checkpoint_step,
                                ensemble_sizes=tuple(int(k) for k in FLAGS.ensemble_sizes),
                                dtype=dtype_override())
     else:
       return generate(config.mode)
-  except (data_lib.DataError, checkpoint_lib.CheckpointError, loop.ResumeError,
+  except (data_lib.DataError, checkpoint_lib.CheckpointError, checkpoint_lib.ResumeError,
           mesh_lib.MeshError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

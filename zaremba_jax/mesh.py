@@ -119,6 +119,16 @@ def make_mesh(members: int, batch_size: int, spec: str | None = None,
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
+def members_one_by_one(backend: str | None = None, num_devices: int | None = None) -> bool:
+  """Whether several members in one program run one after another (`lax.map`), each with the
+  one-model kernels, rather than side by side (`vmap`): on a CPU run of one device, where the
+  batched products of a vmap leave the tuned matmul paths (docs/performance.md); wherever the
+  members spread over devices, side by side."""
+  backend = backend or jax.default_backend()
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  return backend == "cpu" and num_devices == 1
+
+
 def describe(mesh: Mesh) -> str:
   """One line for the log: "2 members x 2 batch over 4 devices (2 processes)"."""
   processes = len({d.process_index for d in mesh.devices.flat})
@@ -229,6 +239,11 @@ def put(tree, shardings):
 
 # ---------------------------------------------------------------------------------------------
 # Devices -> host
+
+def fetch(mesh: Mesh | None, tree):
+  """`tree` as numpy on the host: `to_host` on a mesh, a plain device_get without one."""
+  return jax.device_get(tree) if mesh is None else to_host(tree)
+
 
 def to_host(tree):
   """Every array of `tree` as a numpy array of its global value, on every process.

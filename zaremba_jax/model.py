@@ -145,6 +145,13 @@ class LanguageModel(nn.Module):
     return nll_N.reshape(batch, steps), carry
 
 
+def init_params(model: LanguageModel, key: jax.Array, batch_size: int = 1, num_steps: int = 1):
+  """Fresh parameters for `model` from `key` (their values do not depend on the shapes given)."""
+  carry = zero_state(model.num_layers, batch_size, model.hidden_size)
+  tokens_BxT = jnp.zeros((batch_size, num_steps), jnp.int32)
+  return model.init(key, tokens_BxT, carry, train=False)["params"]
+
+
 def first_layer_table(params, plan: kernels.Plan):
   """E W_ih + b: the first layer's input projection of every vocabulary row, for `xw_table_Vx4H`
   (evaluation, where it serves every window of a stream)."""

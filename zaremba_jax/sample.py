@@ -8,13 +8,12 @@ import functools
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from zaremba_jax import data as data_lib
 from zaremba_jax import kernels
+from zaremba_jax import members as members_lib
 from zaremba_jax import model as model_lib
-from zaremba_jax import train as train_lib
 
 UNK = "<unk>"
 
@@ -33,8 +32,8 @@ class Predictor:
     model = model_lib.planned_for(trained.model, batch_size=1, stream_tokens=1)
     self._feed = jax.jit(functools.partial(_feed, model=model))
     self.params = kernels.cast_weights(trained.params, model.plan)  # cast once, not per token
-    members = jax.tree.leaves(trained.params)[0].shape[0]
-    self.zero = model_lib.zero_state(model.num_layers, 1, model.hidden_size, members=members)
+    self.zero = model_lib.zero_state(model.num_layers, 1, model.hidden_size,
+                                     members=members_lib.count(trained.params))
 
   def start(self):
     """The state before any token (zeros, as at the start of the test stream)."""
@@ -51,9 +50,8 @@ def _feed(params, tokens_1xT, carry, *, model):
   def one_member(p, carry):
     logits_1xTxV, carry = model.apply({"params": p}, tokens_1xT, carry, train=False)
     return jax.nn.log_softmax(logits_1xTxV[0, -1]), carry
-  logprobs_KxV, carry = train_lib.over_members(one_member, model.plan, (0, 0))(params, carry)
-  members = logprobs_KxV.shape[0]
-  return jax.nn.logsumexp(logprobs_KxV, axis=0) - jnp.log(members), carry
+  logprobs_KxV, carry = members_lib.lift(one_member, (0, 0))(params, carry)
+  return members_lib.mean_logprobs(logprobs_KxV), carry
 
 
 def choose(logprobs_V, temperature: float, top_k: int, rng: np.random.Generator) -> int:

@@ -1,15 +1,14 @@
-"""Optimisation: the learning-rate schedule, the train state, and the jitted step functions.
+"""Optimisation for one model: the learning-rate schedule, the train state, the step functions.
 
-Everything here is a pure function of its arguments; the epoch loop lives in `loop.py`.
+Everything here is a pure function of its arguments, written for one model; `members.lift` runs
+any of them for K members at once, and the caller jits it (`loop.py`, `evaluation.py`).
 """
 
-import functools
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from zaremba_jax import model as model_lib
@@ -57,51 +56,12 @@ class TrainState:
 
 
 def create_train_state(config, model: model_lib.LanguageModel, tx, key: jax.Array) -> TrainState:
+  """One model's fresh state: parameters drawn from `key`, a zero carry, the dropout key."""
   init_key, dropout_key = jax.random.split(key)
+  params = model_lib.init_params(model, init_key, config.batch_size, config.num_steps)
   carry = model_lib.zero_state(config.num_layers, config.batch_size, config.hidden_size)
-  tokens = jnp.zeros((config.batch_size, config.num_steps), jnp.int32)
-  params = model.init(init_key, tokens, carry, train=False)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     carry=carry, key=dropout_key)
-
-
-def create_members(config, model: model_lib.LanguageModel, tx) -> TrainState:
-  """`config.members` TrainStates stacked on a leading member axis.
-
-  Member i starts as a single run with seed `config.seed + i` would: its own initial parameters
-  and its own dropout key.
-  """
-  members = [create_train_state(config, model, tx, jax.random.key(config.seed + i))
-             for i in range(config.members)]
-  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *members)
-
-
-def abstract_train_state(config, model: model_lib.LanguageModel, tx) -> TrainState:
-  """Shapes and dtypes of fresh members' TrainState (nothing is computed): a restore target."""
-  return jax.eval_shape(lambda: create_members(config, model, tx))
-
-
-def over_members(fn, plan, in_axes):
-  """`fn` applied to each member: the arguments with in_axes 0 have a leading member axis, those
-  with None are shared by every member; every output gets a leading member axis.
-
-  The members run side by side (`jax.vmap`) or, where the plan says so, one after another
-  (`lax.map`) with the one-model kernels. One member runs as a plain call of `fn`.
-  """
-  def mapped(*args):
-    member_args = [a for a, axis in zip(args, in_axes) if axis == 0]
-    members = jax.tree.leaves(member_args)[0].shape[0]
-    if members == 1:
-      one = [jax.tree.map(lambda x: x[0], a) if axis == 0 else a for a, axis in zip(args, in_axes)]
-      return jax.tree.map(lambda x: x[None], fn(*one))
-    if not plan.members_one_by_one:
-      return jax.vmap(fn, in_axes=in_axes)(*args)
-
-    def one_member(member):
-      it = iter(member)
-      return fn(*[next(it) if axis == 0 else a for a, axis in zip(args, in_axes)])
-    return jax.lax.map(one_member, tuple(member_args))
-  return mapped
 
 
 def sequence_loss(nll_BxT):
@@ -145,21 +105,17 @@ def train_steps(state: TrainState, inputs_KxBxT, targets_KxBxT, *, model, tx):
   return jax.lax.scan(body, state, (inputs_KxBxT, targets_KxBxT))
 
 
-def member_train_steps(state: TrainState, inputs_SxBxT, targets_SxBxT, *, model, tx):
-  """`train_steps` for every member on the same windows: metrics get a leading member axis.
-
-  Each member has its own loss, gradient, clipping norm and schedule: exactly separate runs.
-  """
-  steps = functools.partial(train_steps, model=model, tx=tx)
-  return over_members(steps, model.plan, (0, None, None))(state, inputs_SxBxT, targets_SxBxT)
-
-
 def evaluate(params, inputs_NxBxT, targets_NxBxT, mask_NxBxT, *, model):
-  """Total NLL and token count over windows run in order, the state carried from a zero start.
+  """Total NLL, every target's NLL and the token count over windows run in order, the state
+  carried from a zero start.
 
   With batch 1 and the whole stream this is the paper's test protocol: the state runs token by
   token from the first token to the last. One scan over all windows, so one dispatch in all.
   `model` is planned for this stream (`model_lib.planned_for`).
+
+  Returns:
+    (nll_sum, nll_NxBxT, count): the NLL summed window by window, each target's NLL (0 where
+    masked: what an ensemble averages, `members.ensemble_nll`), and the unmasked targets.
   """
   carry = model_lib.zero_state(model.num_layers, inputs_NxBxT.shape[1], model.hidden_size)
   # The first layer's input projection of every vocabulary row, made once for all windows.
@@ -170,72 +126,9 @@ def evaluate(params, inputs_NxBxT, targets_NxBxT, mask_NxBxT, *, model):
     inputs_BxT, targets_BxT, mask_BxT = window
     nll_BxT, carry = model.apply({"params": params}, inputs_BxT, carry, train=False,
                                  targets_BxT=targets_BxT, xw_table_Vx4H=xw_table_Vx4H)
-    return carry, ((nll_BxT * mask_BxT).sum(), mask_BxT.sum())
+    masked_BxT = nll_BxT * mask_BxT
+    return carry, (masked_BxT.sum(), masked_BxT, mask_BxT.sum())
 
-  _, (nll_N, count_N) = jax.lax.scan(body, carry, (inputs_NxBxT, targets_NxBxT, mask_NxBxT))
-  return nll_N.sum(), count_N.sum()
-
-
-def evaluate_members(params, inputs_NxBxT, targets_NxBxT, mask_NxBxT, *, model):
-  """Every member over the same windows, each with its own state from a zero start.
-
-  Returns:
-    (nll_K, nll_NxKxBxT, count): each member's total NLL (summed as `evaluate` sums it), every
-    target's NLL under each member (0 where masked), and the token count. The ensemble's NLL,
-    -log of the members' mean probability, is made from the second (`ensemble_nll`).
-  """
-  members = jax.tree.leaves(params)[0].shape[0]
-  plan = model.plan
-  zero = model_lib.zero_state(model.num_layers, inputs_NxBxT.shape[1], model.hidden_size)
-  carry = jax.tree.map(lambda x: jnp.broadcast_to(x, (members, *x.shape)), zero)
-  tables = (over_members(lambda p: model_lib.first_layer_table(p, plan), plan, (0,))(params)
-            if plan.first_layer_per_vocab_row else None)
-
-  def window(p, carry, table, inputs_BxT, targets_BxT):
-    return model.apply({"params": p}, inputs_BxT, carry, train=False, targets_BxT=targets_BxT,
-                       xw_table_Vx4H=table)
-  windows = over_members(window, plan, (0, 0, 0 if tables is not None else None, None, None))
-
-  def body(carry, xs):
-    inputs_BxT, targets_BxT, mask_BxT = xs
-    nll_KxBxT, carry = windows(params, carry, tables, inputs_BxT, targets_BxT)
-    masked_KxBxT = nll_KxBxT * mask_BxT
-    return carry, (jax.vmap(jnp.sum)(masked_KxBxT), masked_KxBxT, mask_BxT.sum())
-
-  _, (nll_NxK, nll_NxKxBxT, count_N) = jax.lax.scan(
-      body, carry, (inputs_NxBxT, targets_NxBxT, mask_NxBxT))
-  return nll_NxK.sum(0), nll_NxKxBxT, count_N.sum()
-
-
-def ensemble_nll(nll_KxN, weights_N=None) -> float:
-  """Total NLL of the members' averaged prediction: -sum_n log(mean_k exp(-nll[k, n])).
-
-  In float64 on the host; `weights_N` (the mask) zeroes positions that are padding.
-  """
-  nll_KxN = np.asarray(nll_KxN, np.float64)
-  log_mean_p_N = np.logaddexp.reduce(-nll_KxN, axis=0) - np.log(nll_KxN.shape[0])
-  if weights_N is not None:
-    log_mean_p_N = log_mean_p_N * np.asarray(weights_N, np.float64)
-  return float(-log_mean_p_N.sum())
-
-
-def jit_train_steps(model, tx):
-  return jax.jit(functools.partial(train_steps, model=model, tx=tx), donate_argnums=0)
-
-
-def jit_member_train_steps(model, tx, shardings=None):
-  """The jitted `member_train_steps`; `shardings` = (state's, inputs', metrics') on a mesh."""
-  steps = functools.partial(member_train_steps, model=model, tx=tx)
-  if shardings is None:
-    return jax.jit(steps, donate_argnums=0)
-  state, inputs, metrics = shardings
-  return jax.jit(steps, donate_argnums=0, in_shardings=(state, inputs, inputs),
-                 out_shardings=(state, metrics))
-
-
-def jit_evaluate(model):
-  return jax.jit(functools.partial(evaluate, model=model))
-
-
-def jit_evaluate_members(model):
-  return jax.jit(functools.partial(evaluate_members, model=model))
+  _, (nll_N, nll_NxBxT, count_N) = jax.lax.scan(body, carry,
+                                                (inputs_NxBxT, targets_NxBxT, mask_NxBxT))
+  return nll_N.sum(), nll_NxBxT, count_N.sum()

@@ -2,7 +2,7 @@
 
   python -m benchmarks.micro.hlo_fingerprint --presets=small,medium   # in each checkout's root
 
-For each preset and dtype it compiles what the training loop runs (the train step with
+For each preset and dtype it compiles what the training loop runs (the members' train step with
 steps_per_call windows, validation at the training batch, the batch-1 test pass, each with the
 model planned for its stream) and prints a sha256 of XLA's optimised HLO with the debug
 information (source files, lines, function names) removed. Equal fingerprints in two checkouts
@@ -11,6 +11,7 @@ speed. Nothing is run; compiling takes a few seconds per program.
 """
 
 import argparse
+import functools
 import hashlib
 import os
 import re
@@ -19,7 +20,9 @@ from absl import flags
 import jax
 import numpy as np
 
+from zaremba_jax import evaluation
 from zaremba_jax import main as main_lib
+from zaremba_jax import members as members_lib
 from zaremba_jax import model as model_lib
 from zaremba_jax import train as train_lib
 
@@ -54,16 +57,20 @@ def programs(preset: str, dtype: str) -> dict:
   config = main_lib.config_from_flags()
   model = model_lib.make_model(config, VOCAB[config.level])
   tx = train_lib.make_optimizer(config, 1000)
-  state = train_lib.create_train_state(config, model, tx, jax.random.key(0))
+  make_one = functools.partial(train_lib.create_train_state, config, model, tx)
+  state = members_lib.create(make_one, range(config.members))
   b, t = config.batch_size, config.num_steps
   x = np.zeros((config.steps_per_call, b, t), np.int32)
-  texts = {"train": train_lib.jit_train_steps(model, tx).lower(state, x, x).compile().as_text()}
+  steps = members_lib.lift(functools.partial(train_lib.train_steps, model=model, tx=tx),
+                           (0, None, None))
+  texts = {"train": jax.jit(steps, donate_argnums=0).lower(state, x, x).compile().as_text()}
   for split, (rows, length, n) in {"valid": (b, t, VALID_WINDOWS),
                                    "test": (1, config.test_chunk, TEST_WINDOWS)}.items():
     windows = (np.zeros((n, rows, length), np.int32), np.zeros((n, rows, length), np.int32),
                np.ones((n, rows, length), np.float32))
     planned = model_lib.planned_for(model, rows, windows[0].size)
-    texts[split] = train_lib.jit_evaluate(planned).lower(state.params, *windows).compile().as_text()
+    evaluate = jax.jit(functools.partial(evaluation.evaluate_members, model=planned))
+    texts[split] = evaluate.lower(state.params, *windows).compile().as_text()
   return texts
 
 
