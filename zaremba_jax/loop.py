@@ -21,9 +21,6 @@ from zaremba_jax import model as model_lib
 from zaremba_jax import reporting
 from zaremba_jax import train as train_lib
 
-ResumeError = checkpoint_lib.ResumeError  # the resume policy lives beside the checkpoints
-
-
 @dataclasses.dataclass
 class Progress:
   """Where a run is, beyond the TrainState: saved with every checkpoint as JSON."""
@@ -335,13 +332,11 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
   try:
     state, progress = start_or_resume(run, ckpt, reporter, restart)
     training = Training(run, state, progress, ckpt, reporter)
-    corpus = run.corpus
-    count = members_lib.count(state.params)
+    corpus, count = run.corpus, members_lib.count(state.params)
     n_params = sum(p.size for p in jax.tree.leaves(state.params)) // count
-    members = f" x {count} members" if count > 1 else ""
     reporter.say(f"{config.level}-level PTB: vocabulary {corpus.vocab_size}, train/valid/test"
                  f" tokens {len(corpus.train)}/{len(corpus.valid)}/{len(corpus.test)};"
-                 f" {n_params:,} parameters{members};"
+                 f" {n_params:,} parameters{f' x {count} members' if count > 1 else ''};"
                  f" {run.steps_per_epoch} steps an epoch on"
                  f" {mesh_lib.describe(run.mesh) if run.mesh else jax.devices()[0].platform}")
     while progress.epoch <= config.max_max_epoch and not training.capped():
