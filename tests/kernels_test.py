@@ -6,6 +6,11 @@ built here by hand, so each form is tested on any machine, whatever `resolve` wo
 
 import functools
 import itertools
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +31,7 @@ from zaremba_jax.kernels import softmax
 from tests import helpers
 
 REFERENCE = kernels.Plan(kernels="reference")
+BOTH = frozenset({"float32", "bfloat16"})  # what the native library offers on an AVX512-BF16 CPU
 
 
 def reference_plan(dtype):
@@ -40,15 +46,19 @@ def assert_close(got, want, dtype, err_msg):
                              err_msg=err_msg)
 
 
+def native_runs(precision):
+  """Whether `precision`'s native products run here (building the library if they would)."""
+  return precision in native.offers() and native.load() is None
+
+
 def recurrence_plans(dtype):
-  """Every combination of the recurrence's forms (the native products where they run)."""
-  natives = (False, True) if native.available() else (False,)
-  for in_loop, transposed, vector, native_products in itertools.product(
-      (True, False), (True, False), (True, False), natives):
-    yield kernels.Plan(dtype=dtype, factors_in_forward_loop=in_loop,
-                       recurrent_product_transposed=transposed, batch1_as_vector=vector,
-                       weight_grads_via_gather=transposed,
-                       native_products=native_products)
+  """Every recurrent product of the plan's dtype (the native ones where they run), with the
+  backward's factors made in the forward loop or from the gates."""
+  products = [name for name, product in recurrence.PRODUCTS.items()
+              if product.native is None or product.native == dtype and native_runs(dtype)]
+  for in_loop, (i, name) in itertools.product((True, False), enumerate(products)):
+    yield kernels.Plan(dtype=dtype, factors_in_forward_loop=in_loop, recurrent_product=name,
+                       weight_grads_via_gather=i % 2 == 1)
 
 
 class RecurrenceTest(parameterized.TestCase):
@@ -204,7 +214,7 @@ class MatmulTest(parameterized.TestCase):
   def test_bfloat16_recurrent_product_is_transposed_on_cpu(self):
     if jax.default_backend() != "cpu":
       self.skipTest("the transposed form is the CPU's")
-    plan = kernels.Plan(dtype="bfloat16", recurrent_product_transposed=True)
+    plan = kernels.Plan(dtype="bfloat16", recurrent_product="xla_transposed")
     xw, w_hh, state = jnp.zeros((4, 3, 24)), jnp.zeros((6, 24)), jnp.zeros((3, 6))
     hlo = jax.jit(lambda *a: recurrence.lstm_recurrence(*a, plan)).lower(
         xw, w_hh, state, state).compile().as_text()
@@ -215,12 +225,14 @@ class MatmulTest(parameterized.TestCase):
 
 
 class NativeProductsTest(parameterized.TestCase):
-  """The native bfloat16 matrix-vector products against XLA's bfloat16 dot."""
+  """The native products against XLA's dot of the same precision."""
 
   def setUp(self):
     super().setUp()
-    if not native.available():
-      self.skipTest(f"native products unavailable here: {native.unavailable_reason()}")
+    for precision in ("float32", "bfloat16"):
+      if not native_runs(precision):
+        self.skipTest(f"native {precision} products unavailable here: "
+                      f"{native.missing(precision) or native.load()}")
 
   # Shapes off every block size of the kernels (4 rows, 32 lanes; 128 and 16 columns), and the
   # medium model's W_hh, which is split over threads.
@@ -296,18 +308,81 @@ class NativeProductsTest(parameterized.TestCase):
     try:
       with absltest.mock.patch.dict("os.environ", {"CXX": "/bin/false",
                                                    "ZAREMBA_JAX_CACHE": cache}):
-        native._load.cache_clear()
-        self.assertFalse(native.available())
-        self.assertIn("the build failed", native.unavailable_reason())
-        plan = plan_lib.resolve(dtype="bfloat16", batch_size=1, vocab_size=50,
-                                stream_tokens=1, backend="cpu")
-        self.assertFalse(plan.native_products)
+        native.reset()
+        self.assertIn("the build failed", native.load())
+        plan = plan_lib.plan_for(dtype="bfloat16", batch_size=1, vocab_size=50,
+                                 stream_tokens=1, backend="cpu")
+        self.assertEqual(plan.recurrent_product, "xla_vector")
+        self.assertFalse(plan.native_one_row_products)
       with absltest.mock.patch.dict("os.environ", {"ZAREMBA_JAX_NATIVE": "0"}):
-        native._load.cache_clear()
-        self.assertEqual(native.unavailable_reason(), "ZAREMBA_JAX_NATIVE=0")
+        native.reset()
+        self.assertEqual(native.offers(), frozenset())
+        self.assertEqual(native.load(), "ZAREMBA_JAX_NATIVE=0")
     finally:
-      native._load.cache_clear()
-    self.assertTrue(native.available())
+      native.reset()
+    self.assertIsNone(native.load())
+
+
+# Plans a CPU run makes without any native product, each in a fresh process whose compiler
+# ($CXX) records that it ran; the last one's plan does use them (the check can fail).
+_NO_NATIVE_PLANS = """
+import sys
+from zaremba_jax import config as config_lib, model as model_lib
+import jax, numpy as np
+case = sys.argv[1]
+if case == "float32 large":  # W_hh over NATIVE_F32_MAX_WEIGHT_BYTES: XLA's products
+  config = config_lib.preset("large")
+elif case == "reference":
+  config = config_lib.preset("small", dtype="bfloat16", kernels="reference")
+else:  # "ZAREMBA_JAX_NATIVE=0" or "bfloat16 small"
+  config = config_lib.preset("small", dtype="bfloat16")
+model = model_lib.make_model(config, 10000)
+for rows, tokens in ((config.batch_size, 700), (1, 82430), (1, 1)):
+  planned = model_lib.planned_for(model, rows, tokens)
+  assert not planned.plan.native_precisions, planned.plan
+if case != "float32 large":  # and a forward pass of a small model under each of those plans
+  tiny = model_lib.make_model(config.replace(hidden_size=8, num_layers=1), 11)
+  carry = model_lib.zero_state(1, 1, 8)
+  tokens = np.zeros((1, 3), np.int32)
+  params = tiny.init(jax.random.key(0), tokens, carry, train=False)["params"]
+  for model in (tiny, model_lib.planned_for(tiny, 1, 3), model_lib.planned_for(tiny, 1, 1)):
+    jax.block_until_ready(model.apply({"params": params}, tokens[:, :1], carry, train=False))
+"""
+
+
+class NoBuildTest(absltest.TestCase):
+  """A run whose plans use no native product never starts the C++ compiler."""
+
+  def run_case(self, case, **environ):
+    folder = pathlib.Path(self.create_tempdir().full_path)
+    record = folder / "compiler_ran"
+    compiler = folder / "cxx"
+    compiler.write_text(f"#!/bin/sh\necho \"$@\" >> {record}\nexit 1\n")
+    compiler.chmod(0o755)
+    env = dict(os.environ, CXX=str(compiler), ZAREMBA_JAX_CACHE=str(folder / "cache"),
+               JAX_PLATFORMS="cpu", ZAREMBA_JAX_NATIVE="1")
+    env.update(environ)
+    result = subprocess.run([sys.executable, "-c", _NO_NATIVE_PLANS, case], env=env,
+                            capture_output=True, text=True, timeout=300, check=False,
+                            cwd=helpers.REPO)
+    return result, record.exists()
+
+  def test_plans_without_native_products_never_build(self):
+    reason = native.missing("bfloat16")  # the subprocesses set $CXX and ZAREMBA_JAX_NATIVE
+    if reason and not reason.startswith(("ZAREMBA_JAX_NATIVE", "no C++ compiler")):
+      self.skipTest(f"the control needs a CPU with the native products: {reason}")
+    for case, environ in (("float32 large", {}), ("reference", {}),
+                          ("ZAREMBA_JAX_NATIVE=0", {"ZAREMBA_JAX_NATIVE": "0"})):
+      with self.subTest(case):
+        result, compiled = self.run_case(case, **environ)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertFalse(compiled, f"{case}: the compiler ran")
+    # The control: the same harness, with plans that use the native products, calls it (whose
+    # failure leaves those plans without them, so the script's own checks pass).
+    result, compiled = self.run_case("bfloat16 small")
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertTrue(compiled)
+    self.assertIn("the native kernels did not build", result.stderr)
 
 
 class PlanTest(parameterized.TestCase):
@@ -319,12 +394,14 @@ class PlanTest(parameterized.TestCase):
     self.assertEqual(plan, kernels.Plan(factors_in_forward_loop=True, fold_output_bias=True,
                                         members_one_by_one=True))
 
-  def test_cpu_bfloat16_char_window(self):
+  @parameterized.named_parameters(("native", BOTH, "native_bf16_pairs", True),
+                                  ("xla", frozenset(), "xla_transposed", False))
+  def test_cpu_bfloat16_char_window(self, offers, product, one_row):
     plan = plan_lib.resolve(dtype="bfloat16", batch_size=100, vocab_size=50,
-                            stream_tokens=5000, backend="cpu", num_devices=1)
+                            stream_tokens=5000, backend="cpu", num_devices=1, native_offers=offers)
     self.assertEqual(plan, kernels.Plan(dtype="bfloat16", first_layer_per_vocab_row=True,
-                                        native_products=native.available(),
-                                        recurrent_product_transposed=True,
+                                        recurrent_product=product,
+                                        native_one_row_products=one_row,
                                         weight_grads_via_gather=True,
                                         factors_in_forward_loop=True, members_one_by_one=True))
 
@@ -343,28 +420,58 @@ class PlanTest(parameterized.TestCase):
     self.assertFalse(plan.members_one_by_one)
 
   def test_cpu_batch_one_test_stream(self):
-    plan = plan_lib.resolve(batch_size=1, vocab_size=10000, stream_tokens=82430, backend="cpu")
-    self.assertTrue(plan.batch1_as_vector)
-    self.assertTrue(plan.first_layer_per_vocab_row)
-    self.assertTrue(plan.recurrent_product_transposed)  # W^T h: one transposition, many steps
-    self.assertFalse(plan.native_products)  # float32: XLA's product
+    def product(dtype, hidden=None, offers=BOTH):
+      return plan_lib.resolve(dtype=dtype, batch_size=1, vocab_size=10000, stream_tokens=82430,
+                              hidden_size=hidden, backend="cpu",
+                              native_offers=offers).recurrent_product
+    # W^T h on vectors: one transposition, many steps.
+    self.assertEqual(product("float32"), "xla_matrix_first")  # no size: XLA's product
+    self.assertEqual(product("float32", 200), "native_f32_matvec")
+    self.assertEqual(product("bfloat16"), "native_bf16_matvec")
+    self.assertEqual(product("bfloat16", offers=frozenset()), "xla_matrix_first")
+    self.assertEqual(product("bfloat16", offers=frozenset({"float32"})), "xla_matrix_first")
+    self.assertTrue(plan_lib.resolve(batch_size=1, vocab_size=10000, stream_tokens=82430,
+                                     backend="cpu").first_layer_per_vocab_row)
 
   @parameterized.parameters(1, 20)
   def test_native_products_where_they_won(self, batch):
-    def native_products(dtype, hidden):
+    def native_precisions(dtype, hidden, offers=BOTH):
       return plan_lib.resolve(dtype=dtype, batch_size=batch, vocab_size=10000, stream_tokens=700,
-                              hidden_size=hidden, backend="cpu").native_products
-    self.assertEqual(native_products("bfloat16", 1500), native.available())
-    self.assertEqual(native_products("float32", 650), native.available())
-    self.assertFalse(native_products("float32", 1500))  # large: XLA's float32 product was faster
+                              hidden_size=hidden, backend="cpu",
+                              native_offers=offers).native_precisions
+    self.assertEqual(native_precisions("bfloat16", 1500), {"bfloat16"})
+    self.assertEqual(native_precisions("float32", 650), {"float32"})
+    self.assertEqual(native_precisions("float32", 1500), set())  # large: XLA's was faster
+    self.assertEqual(native_precisions("float32", 650, frozenset({"bfloat16"})), set())
+    self.assertEqual(native_precisions("bfloat16", 200, frozenset({"float32"})), set())
+    self.assertEqual(native_precisions("bfloat16", 200, frozenset()), set())
 
-  @parameterized.parameters("float32", "bfloat16")
-  def test_cpu_one_token_at_a_time(self, dtype):
-    # serve, query and sample: a transposition per call would cost more than its product saves.
+  @parameterized.product(dtype=("float32", "bfloat16"), offers=(BOTH, frozenset()))
+  def test_cpu_one_token_at_a_time(self, dtype, offers):
+    # serve, query and sample: a transposition per call would cost more than its product saves,
+    # so h W on vectors (float32: XLA's, faster than the native block kernel on one row).
     plan = plan_lib.resolve(dtype=dtype, batch_size=1, vocab_size=50, stream_tokens=1,
-                            backend="cpu")
-    self.assertTrue(plan.batch1_as_vector)
-    self.assertFalse(plan.recurrent_product_transposed)
+                            hidden_size=200, backend="cpu", native_offers=offers)
+    native_bf16 = dtype == "bfloat16" and bool(offers)
+    self.assertEqual(plan.recurrent_product,
+                     "native_bf16_vecmat" if native_bf16 else "xla_vector")
+    self.assertEqual(plan.native_one_row_products, native_bf16)
+
+  def test_resolve_builds_nothing(self):
+    plan = plan_lib.resolve(dtype="bfloat16", batch_size=1, vocab_size=50, stream_tokens=1,
+                            backend="cpu")  # no native_offers: XLA's products
+    self.assertEqual(plan.native_precisions, frozenset())
+
+  def test_plan_for_takes_the_native_products_where_they_run(self):
+    plan = plan_lib.plan_for(dtype="bfloat16", batch_size=20, vocab_size=10000,
+                             stream_tokens=700, backend="cpu")
+    self.assertEqual(plan.recurrent_product == "native_bf16_pairs", native_runs("bfloat16"))
+
+  def test_a_product_of_another_precision_is_refused(self):
+    with self.assertRaisesRegex(ValueError, "'native_bf16_pairs' is a bfloat16 product"):
+      kernels.Plan(recurrent_product="native_bf16_pairs")
+    with self.assertRaisesRegex(ValueError, "'cudnn' is unknown"):
+      kernels.Plan(recurrent_product="cudnn")
 
   @parameterized.parameters("gpu", "tpu")
   def test_accelerators_take_the_plain_forms(self, backend):

@@ -80,7 +80,7 @@ class ModelTest(absltest.TestCase):
   def test_scan_matches_loop_over_time(self):
     # Every form a plan can choose (the recurrent product against W_hh^T, the first layer fed
     # per vocabulary row), and the reference kernels.
-    plans = [kernels.Plan(), kernels.Plan(recurrent_product_transposed=True),
+    plans = [kernels.Plan(), kernels.Plan(recurrent_product="xla_transposed"),
              kernels.Plan(first_layer_per_vocab_row=True, fold_output_bias=True),
              kernels.Plan(kernels="reference")]
     for plan in plans:
@@ -89,7 +89,7 @@ class ModelTest(absltest.TestCase):
 
   def test_batch_one_matches_loop_over_time(self):
     # Batch 1 (the test protocol) runs the recurrence on 1-D state vectors: check it separately.
-    plan = kernels.Plan(batch1_as_vector=True, recurrent_product_transposed=True)
+    plan = kernels.Plan(recurrent_product="xla_matrix_first")
     carry = self.assert_matches_numpy_forward(1, 9, seed=2, plan=plan)
     self.assertEqual(carry.h_LxBxH.shape, (2, 1, 6))
 

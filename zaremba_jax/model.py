@@ -164,10 +164,10 @@ def make_model(config, vocab_size: int, *, batch_size: int | None = None,
   """`config`'s model, its kernels planned for `batch_size` rows (default: the config's) over
   `stream_tokens` tokens (default: one training window)."""
   batch_size = batch_size or config.batch_size
-  plan = kernels.resolve(kernels=config.kernels, dtype=config.dtype, batch_size=batch_size,
-                         vocab_size=vocab_size,
-                         stream_tokens=stream_tokens or batch_size * config.num_steps,
-                         hidden_size=config.hidden_size)
+  plan = kernels.plan_for(kernels=config.kernels, dtype=config.dtype, batch_size=batch_size,
+                          vocab_size=vocab_size,
+                          stream_tokens=stream_tokens or batch_size * config.num_steps,
+                          hidden_size=config.hidden_size)
   return LanguageModel(vocab_size=vocab_size, hidden_size=config.hidden_size,
                        num_layers=config.num_layers, dropout=config.dropout,
                        init_scale=config.init_scale, plan=plan)

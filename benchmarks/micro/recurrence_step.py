@@ -4,8 +4,8 @@
 
 Times, each as a `lax.scan` over --steps steps at --batch rows (median of --repeats, alternating):
 the recurrent matmul alone (h @ W_hh, in the form the plan gives it), the gate arithmetic alone
-(no matmul), and the model's whole forward loop as training runs it (`kernels.recurrence._forward`
-under the plan `kernels.resolve` gives a training window of this shape on this backend, with what
+(no matmul), and the model's whole forward loop as training runs it (`recurrence.forward_loop`
+under the plan `kernels.plan_for` gives a training window of this shape on this backend, with what
 it keeps for the backward), in float32 and with bfloat16 matmul inputs. Where the whole loop costs
 more than its matmul, the rest is elementwise work and the loop's own overhead.
 """
@@ -24,19 +24,22 @@ from zaremba_jax.kernels import recurrence
 def training_plan(dtype, batch, steps):
   """The plan of a training window of batch x steps tokens. (The vocabulary decides only the
   first layer's input form, which the recurrence does not see.)"""
-  return kernels.resolve(dtype=dtype, batch_size=batch, vocab_size=10_000,
-                         stream_tokens=batch * steps)
+  return kernels.plan_for(dtype=dtype, batch_size=batch, vocab_size=10_000,
+                          stream_tokens=batch * steps)
 
 
 def loops(batch, hidden, steps):
   """name -> fn(w_Hx4H, xw_TxBx4H, h_BxH, c_BxH) for each piece."""
   def matmul_only(plan):
+    # XLA's product in the layout a training loop uses (under a gradient, never a native one).
+    transposed = recurrence.PRODUCTS[plan.recurrent_product].under_gradient == "xla_transposed"
+
     def run(w, xw, h, c):
       del c
       w = w.astype(plan.dtype)
-      if plan.recurrent_product_transposed:
+      if transposed:
         w = w.T  # [4H, H], as the forward loop multiplies by it
-      contract = (1, 1 if plan.recurrent_product_transposed else 0)
+      contract = (1, 1 if transposed else 0)
       step = lambda h, _: (matmul.dot(h, w, contract, plan.dtype)[:, :hidden], None)
       return jax.lax.scan(step, h, xw)[0]
     return run
@@ -53,7 +56,7 @@ def loops(batch, hidden, steps):
 
   def whole(plan):
     emit = "factors" if plan.factors_in_forward_loop else "gates"
-    return lambda w, xw, h, c: recurrence._forward(xw, w, c, h, plan, emit)  # pylint: disable=protected-access
+    return lambda w, xw, h, c: recurrence.forward_loop(xw, w, c, h, plan, emit)
 
   f32, bf16 = (training_plan(dtype, batch, steps) for dtype in ("float32", "bfloat16"))
   return {"matmul only float32": matmul_only(f32),

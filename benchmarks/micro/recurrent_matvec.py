@@ -5,13 +5,14 @@
 In the paper's test protocol (batch 1) every token multiplies each layer's state by its whole
 H x 4H recurrent matrix, so a step costs at least the time to read that matrix. This times a scan
 of just that step (the matrix-vector product and the gate nonlinearities) for the presets' hidden
-sizes, in float32 and with bfloat16 matmul inputs, with the product in the form that the plan of
-a batch-1 stream gives it on this backend (`kernels.resolve(batch_size=1, ...)`: 1-D state vectors
-with `batch1_as_vector`, W_hh^T with `recurrent_product_transposed`), and prints microseconds a
-step and the bytes of W_hh read per second. Next to it, the model's own batch-1 loop under the
-same plan (`kernels.recurrence._forward`, as evaluation runs it): what the gates, the cell and the
-loop add to the bare step. Compare with the batch-1 column of `python -m benchmarks.throughput`:
-two layers of this is most of a token's time.
+sizes, in float32 and with bfloat16 matmul inputs, as XLA's product in the layout of the plan a
+batch-1 stream gets on this backend (`kernels.plan_for(batch_size=1, ...)`: on 1-D state vectors
+where its `recurrence.PRODUCTS` entry is a vector form, else against W_hh^T where that is
+transposed), and prints microseconds a step and the bytes of W_hh read per second. Next to it,
+the model's own batch-1 loop under the same plan (`recurrence.forward_loop`, as evaluation runs
+it; in bfloat16 with the native products where they run): what the gates, the cell and the loop
+add to the bare step. Compare with the batch-1 column of `python -m benchmarks.throughput`: two
+layers of this is most of a token's time.
 """
 
 import argparse
@@ -32,7 +33,7 @@ STEPS = 512
 def batch1_plan(dtype):
   """The plan of a batch-1 stream of STEPS tokens. (The vocabulary decides only the first layer's
   input form, which the recurrence does not see.)"""
-  return kernels.resolve(dtype=dtype, batch_size=1, vocab_size=10_000, stream_tokens=STEPS)
+  return kernels.plan_for(dtype=dtype, batch_size=1, vocab_size=10_000, stream_tokens=STEPS)
 
 
 def bare_step_fn(hidden, plan):
@@ -41,9 +42,10 @@ def bare_step_fn(hidden, plan):
   def run(w_Hx4H, h_1xH, xw_Tx1x4H):
     del xw_Tx1x4H
     w = w_Hx4H.astype(plan.dtype)  # cast once, outside the loop, as the model does
-    if plan.batch1_as_vector:
+    product = recurrence.PRODUCTS[plan.recurrent_product]
+    if product.vector:
       h, contract = h_1xH[0], (0, 0)  # [H] x [H, 4H]
-    elif plan.recurrent_product_transposed:
+    elif product.layout == "transposed":
       h, w, contract = h_1xH, w.T, (1, 1)  # [1, H] x [4H, H]^T
     else:
       h, contract = h_1xH, (1, 0)  # [1, H] x [H, 4H]
@@ -59,7 +61,7 @@ def bare_step_fn(hidden, plan):
 def model_loop_fn(plan):
   """The model's forward loop over STEPS tokens at batch 1 (no backward: evaluation's form)."""
   def run(w_Hx4H, h_1xH, xw_Tx1x4H):
-    return recurrence._forward(xw_Tx1x4H, w_Hx4H, jnp.zeros_like(h_1xH), h_1xH, plan)  # pylint: disable=protected-access
+    return recurrence.forward_loop(xw_Tx1x4H, w_Hx4H, jnp.zeros_like(h_1xH), h_1xH, plan)
   return jax.jit(run)
 
 

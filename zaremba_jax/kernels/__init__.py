@@ -1,7 +1,8 @@
 """The kernels the model calls: the recurrence, the projections and the output layer's loss.
 
-Each function takes a `Plan` (see `plan.py`) and runs the fast form or, for a plan with
-kernels="reference", the plain one in `reference.py`. The model needs nothing else from here.
+Each function takes a `Plan` (see `plan.py`; `plan_for` makes one for a use of the model) and runs
+the fast form or, for a plan with kernels="reference", the plain one in `reference.py`. The model
+needs nothing else from here.
 """
 
 import jax
@@ -10,7 +11,8 @@ from zaremba_jax.kernels import matmul
 from zaremba_jax.kernels import recurrence
 from zaremba_jax.kernels import reference
 from zaremba_jax.kernels import softmax
-from zaremba_jax.kernels.plan import KERNELS, Plan, resolve  # pylint: disable=unused-import
+from zaremba_jax.kernels.plan import (  # pylint: disable=unused-import
+    KERNELS, Plan, plan_for, resolve)
 
 
 # The parameters the kernels read only through a matmul, which casts them to the plan's dtype first.

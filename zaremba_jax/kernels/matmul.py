@@ -29,8 +29,8 @@ def matmul(a, b, dtype):
 
 
 def _native_one_row(x, plan):
-  """Whether x @ w is a single row in bfloat16 where the plan has the native products."""
-  return plan.native_products and plan.dtype == "bfloat16" and math.prod(x.shape[:-1]) == 1
+  """Whether x @ w is a single row and the plan has `native_one_row_products` (bfloat16)."""
+  return plan.native_one_row_products and math.prod(x.shape[:-1]) == 1
 
 
 def one_row_or_matmul(x, w, plan):
@@ -82,7 +82,7 @@ def input_projection(x_TxBxD, w_Dx4H, b_4H, plan):
   """x_t W_ih + b for every step at once, as one matmul outside the recurrence's loop.
 
   Autodiff's products are the fast ones unless `plan.weight_grads_via_gather`, which routes the
-  weight gradient through `project`. One bfloat16 token with the native products takes
+  weight gradient through `project`. One token with `plan.native_one_row_products` takes
   `one_row_or_matmul`.
   """
   if _native_one_row(x_TxBxD, plan):

@@ -1,5 +1,5 @@
 """Products on the CPU where XLA's are slow, for the recurrence's steps: bfloat16 products that read
-the weights as bfloat16, and a float32 product of a few rows.
+the weights as bfloat16, and float32 products of one or a few rows.
 
 XLA's CPU backend has no bfloat16 matrix-vector product: it converts bfloat16 weights to float32
 and runs a float32 one, so a batch-1 step in bfloat16 reads W_hh's float32 bytes, no fewer than in
@@ -12,16 +12,19 @@ bfloat16 bytes) on XLA's intra-op threads:
   matvec_f32(w_NxK, h_K) = W h   matmul_f32(h_BxK, w_KxN) = h W
 
 In bfloat16 h is rounded to bfloat16 and the products and sums are float32: XLA's bfloat16 dot's
-numbers up to the order of the sums, as `matmul_f32`'s are XLA's float32 dot's.
+numbers up to the order of the sums, as the float32 products' are XLA's float32 dot's.
 
-The library is compiled on first use with the system's C++ compiler (a few seconds, once) into a
-cache folder keyed by the source and the jax version: $ZAREMBA_JAX_CACHE, else
-~/.cache/zaremba_jax. Where it cannot be used (not Linux on x86-64, a CPU without avx512_bf16, no
-compiler, ZAREMBA_JAX_NATIVE=0), `available()` is False and the plan keeps XLA's products.
+Two steps, so that planning never builds anything: `offers()` says, without building, which
+precisions' products the library would offer here (Linux on x86-64, a C++ compiler, the CPU
+features of each precision's kernels: float32 AVX-512F, bfloat16 also avx512_bf16; none with
+ZAREMBA_JAX_NATIVE=0), and `load()`, called only for a plan that uses them, compiles the library
+with the system's C++ compiler (a few seconds, once) into a cache folder keyed by the source and
+the jax version ($ZAREMBA_JAX_CACHE, else ~/.cache/zaremba_jax) and registers the kernels of the
+offered precisions; it returns why that failed, or None. `reset()` forgets what this process
+loaded, so that the next `load()` looks at the environment again.
 """
 
 import ctypes
-import functools
 import hashlib
 import os
 import pathlib
@@ -35,20 +38,21 @@ import jax
 import jax.numpy as jnp
 
 SOURCE = pathlib.Path(__file__).with_name("native_products.cc")
-FLAGS = ("-O3", "-DNDEBUG", "-std=c++17", "-shared", "-fPIC", "-mavx512f", "-mavx512bw",
-         "-mavx512vl", "-mavx512bf16")
-TARGETS = {"zaremba_bf16_matvec": "ZarembaBf16Matvec", "zaremba_bf16_vecmat": "ZarembaBf16Vecmat",
-           "zaremba_bf16_matmul": "ZarembaBf16Matmul", "zaremba_f32_matmul": "ZarembaF32Matmul",
-           "zaremba_f32_matvec": "ZarembaF32Matvec"}
+# The whole file is built for what the float32 kernels need; the bfloat16 ones are compiled for
+# their instructions function by function (native_products.cc).
+FLAGS = ("-O3", "-DNDEBUG", "-std=c++17", "-shared", "-fPIC", "-mavx512f")
+# The CPU features (as /proc/cpuinfo names them) each precision's kernels run on.
+CPU_FEATURES = {"float32": ("avx512f",),
+                "bfloat16": ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")}
 
 
-def _cpu_has_avx512_bf16() -> bool:
+def _cpu_features() -> frozenset[str]:
   try:
     cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
   except OSError:
-    return False
+    return frozenset()
   flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
-  return "avx512_bf16" in flags.split()
+  return frozenset(flags.split())
 
 
 def _compiler() -> str | None:
@@ -56,6 +60,26 @@ def _compiler() -> str | None:
     if name and shutil.which(name):
       return shutil.which(name)
   return None
+
+
+def missing(precision: str) -> str | None:
+  """Why the library would not offer `precision`'s products here, or None; builds nothing."""
+  if os.environ.get("ZAREMBA_JAX_NATIVE", "1") == "0":
+    return "ZAREMBA_JAX_NATIVE=0"
+  if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    return f"{platform.system()} on {platform.machine()}, not Linux on x86-64"
+  absent = [name for name in CPU_FEATURES[precision] if name not in _cpu_features()]
+  if absent:
+    return f"this CPU has no {', '.join(absent)}"
+  if _compiler() is None:
+    return "no C++ compiler (g++, c++ or clang++; or set CXX)"
+  return None
+
+
+def offers() -> frozenset[str]:
+  """The precisions ("float32", "bfloat16") whose products the library would offer here, decided
+  without building it (`load` builds it)."""
+  return frozenset(precision for precision in CPU_FEATURES if missing(precision) is None)
 
 
 def _cache_folder() -> pathlib.Path:
@@ -86,41 +110,51 @@ def _build(compiler: str) -> pathlib.Path:
   return library
 
 
-def unavailable_reason() -> str | None:
-  """Why the native products cannot run here, or None when they can."""
-  return _load()
-
-
-@functools.cache
-def _load() -> str | None:
-  if os.environ.get("ZAREMBA_JAX_NATIVE", "1") == "0":
-    return "ZAREMBA_JAX_NATIVE=0"
-  if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-    return f"{platform.system()} on {platform.machine()}, not Linux on x86-64"
-  if not _cpu_has_avx512_bf16():
-    return "this CPU has no avx512_bf16"
-  compiler = _compiler()
-  if compiler is None:
-    return "no C++ compiler (g++, c++ or clang++; or set CXX)"
-  try:
-    library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-    for target, symbol in TARGETS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+def _register(library_path: pathlib.Path, precisions: frozenset[str]) -> dict[str, str]:
+  """Registers the library's kernels (as its `zaremba_kernels()` lists them) of these precisions;
+  returns {target: precision} of every kernel it lists."""
+  library = ctypes.cdll.LoadLibrary(str(library_path))
+  library.zaremba_kernels.restype = ctypes.c_char_p
+  listed = dict(line.split() for line in library.zaremba_kernels().decode().splitlines())
+  for target, precision in listed.items():
+    if precision in precisions:
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, target)),
                                   platform="cpu")
-  except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
-    logging.warning("the recurrence keeps XLA's slower products: the native kernels did not "
-                    "build (%s)", error)
-    return f"the build failed: {error}"
-  return None
+  return listed
 
 
-def available() -> bool:
-  """Whether the native products can run here (builds the library on first call)."""
-  return _load() is None
+_loaded = {}  # this process's `load()` once it has run: why not (or None), what it registered
+
+
+def load() -> str | None:
+  """Builds the library (or finds it in the cache) and registers its kernels of the precisions
+  `offers()` gives, once per process; returns why they cannot run here, or None when they can."""
+  if not _loaded:
+    precisions = offers()
+    reason, listed = (None if precisions else missing("float32")), {}
+    if precisions:
+      try:
+        listed = _register(_build(_compiler()), precisions)
+      except (OSError, RuntimeError, AttributeError, ValueError,
+              subprocess.SubprocessError) as error:
+        logging.warning("the recurrence keeps XLA's slower products: the native kernels did "
+                        "not build (%s)", error)
+        reason = f"the build failed: {error}"
+    _loaded.update(reason=reason, precisions=precisions, listed=listed)
+  return _loaded["reason"]
+
+
+def reset():
+  """Forgets this process's `load()` (what it registered stays registered with XLA), so that the
+  next one looks at the environment, the CPU and the cache folder again."""
+  _loaded.clear()
 
 
 def _call(target, shape, *args):
-  reason = _load()  # registers the targets on first use
+  reason = load()  # registers the targets on first use
+  precision = _loaded["listed"].get(target)
+  if reason is None and precision not in _loaded["precisions"]:
+    reason = missing(precision) if precision else f"the library has no {target}"
   if reason is not None:
     raise RuntimeError(f"the native products cannot run here: {reason}; use a plan without them")
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),

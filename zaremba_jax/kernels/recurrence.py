@@ -9,7 +9,9 @@ the tests hold it to that. Three things make it faster:
 - the step-local factors of the backward are made where the `plan` says is cheaper.
 """
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +40,73 @@ def _step_factors(c_prev, act, tanh_c):
   return da_from_d, dc_from_dh, f
 
 
-def _forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, emit=None):
-  """The loop over time: (final (c, h), per-step outputs).
+@dataclasses.dataclass(frozen=True)
+class Product:
+  """One form of the forward loop's recurrent product h W_hh (a `Plan.recurrent_product`).
+
+  W_hh is prepared once per call: scaled by the gate scale (unless `scale_product`), cast to the
+  plan's dtype, then laid out by `layout`; each step computes `multiply(h, prepared, dtype)`.
+  """
+
+  # How the prepared W is laid out: "as is" [H, 4H], "transposed" [4H, H], or "pairs"
+  # (`native.pairs`).
+  layout: str
+  # (h, prepared W, dtype) -> h W_hh [.., 4H], float32.
+  multiply: Callable
+  # The product runs on 1-D state vectors (batch 1), and `rows` names the form for a state of
+  # several rows.
+  vector: bool = False
+  rows: str | None = None
+  # The step scales its product (4H numbers) rather than the call scaling W (H x 4H, once per
+  # call, which for one token at a time is once per token); scaling by 0.5 is exact either way.
+  scale_product: bool = False
+  # A loop under a gradient (which emits the backward's factors or gates) runs this XLA form,
+  # on the state's [B, H] rows, instead (the native kernels run forward only).
+  under_gradient: str = "xla"
+  # The precision of the native kernel it calls (None: XLA's product).
+  native: str | None = None
+
+
+def _xla(h, w, dtype):  # h W: h's last axis against W's first
+  return matmul.dot(h, w, (h.ndim - 1, 0), dtype)
+
+
+def _xla_transposed(h, w_t, dtype):  # h W from W^T: both last axes
+  return matmul.dot(h, w_t, (h.ndim - 1, 1), dtype)
+
+
+# Every recurrent product a plan can name; `plan.resolve` says which one runs where.
+PRODUCTS = {
+    "xla": Product("as is", _xla),
+    "xla_transposed": Product("transposed", _xla_transposed, under_gradient="xla_transposed"),
+    # Batch 1: h W on vectors, and W^T h with the matrix first (the matrix-vector form XLA runs
+    # fastest).
+    "xla_vector": Product("as is", _xla, vector=True, rows="xla", scale_product=True),
+    "xla_matrix_first": Product("transposed",
+                                lambda h, w_t, dtype: matmul.dot(w_t, h, (1, 0), dtype),
+                                vector=True, rows="xla_transposed",
+                                under_gradient="xla_transposed"),
+    # The native kernels (native.py): a batch's rows against W in row pairs (bfloat16) or as it
+    # is (float32), and at batch 1 W^T h or h W.
+    "native_bf16_pairs": Product("pairs", lambda h, p, dtype: native.matmul(h, p),
+                                 under_gradient="xla_transposed", native="bfloat16"),
+    "native_f32_matmul": Product("as is", lambda h, w, dtype: native.matmul_f32(h, w),
+                                 native="float32"),
+    "native_bf16_matvec": Product("transposed", lambda h, w_t, dtype: native.matvec(w_t, h),
+                                  vector=True, rows="native_bf16_pairs",
+                                  under_gradient="xla_transposed", native="bfloat16"),
+    "native_bf16_vecmat": Product("as is", lambda h, w, dtype: native.vecmat(h, w), vector=True,
+                                  rows="native_bf16_pairs", scale_product=True,
+                                  native="bfloat16"),
+    "native_f32_matvec": Product("transposed", lambda h, w_t, dtype: native.matvec_f32(w_t, h),
+                                 vector=True, rows="native_f32_matmul",
+                                 under_gradient="xla_transposed", native="float32"),
+}
+
+
+def forward_loop(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, emit=None):
+  """The loop over time: (final (c, h), per-step outputs), as `lstm_recurrence` runs it outside a
+  gradient (emit=None) and as its gradient's forward pass does (the benchmarks time it alone).
 
   The per-step outputs are h_TxBxH alone when `emit` is None; (h, da_from_d, dc_from_dh, f) when
   it is "factors"; (h, c, gates [i, f, o, g]) when it is "gates".
@@ -47,35 +114,22 @@ def _forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, emit=None):
   dtype = plan.dtype
   scale_4H = _gate_scale(w_hh_Hx4H.shape[0])
   offset_4H = 0.5 - 0.5 * (scale_4H == 1.0)  # 0.5 for i, f, o; 0 for g
-  vector = plan.batch1_as_vector and emit is None and h_BxH.shape[0] == 1
-  # A vector's step scales its product (4H numbers) rather than the weights (H x 4H, once per
-  # call, which for one token at a time is once per token); scaling by 0.5 is exact either way.
-  scale_product = vector and not plan.recurrent_product_transposed
-  w = (w_hh_Hx4H if scale_product else w_hh_Hx4H * scale_4H).astype(dtype)  # cast once
-  xw_TxBx4H = xw_TxBx4H * scale_4H
-  # The native kernels (native.py) outside a gradient. In bfloat16 they take every product
-  # (a batch's rows read W in row pairs, made once here); in float32 a batch's and W^T h.
-  native_products = plan.native_products and emit is None
-  bf16 = dtype == "bfloat16"
-  batch_product = native_products and not vector
-  w_pairs = native.pairs(w) if batch_product and bf16 else None
-  transposed = plan.recurrent_product_transposed and not batch_product
-  if transposed:
+  product = PRODUCTS[plan.recurrent_product]
+  if emit is not None:
+    product = PRODUCTS[product.under_gradient]
+  if product.vector and h_BxH.shape[0] != 1:
+    product = PRODUCTS[product.rows]
+  w = (w_hh_Hx4H if product.scale_product else w_hh_Hx4H * scale_4H).astype(dtype)  # cast once
+  if product.layout == "transposed":
     w = w.T  # [4H, H]
+  elif product.layout == "pairs":
+    w = native.pairs(w)
+  xw_TxBx4H = xw_TxBx4H * scale_4H
 
   def step(carry, xw_Bx4H):
     c_prev, h_prev = carry
-    if batch_product:
-      hw = native.matmul(h_prev, w_pairs) if bf16 else native.matmul_f32(h_prev, w)
-    elif native_products and bf16:
-      hw = native.matvec(w, h_prev) if transposed else native.vecmat(h_prev, w)
-    elif native_products and transposed:
-      hw = native.matvec_f32(w, h_prev)
-    elif vector and transposed:  # W^T h, matrix first: the matrix-vector form XLA runs fastest
-      hw = matmul.dot(w, h_prev, (1, 0), dtype)
-    else:
-      hw = matmul.dot(h_prev, w, (h_prev.ndim - 1, 1 if transposed else 0), dtype)
-    if scale_product:
+    hw = product.multiply(h_prev, w, dtype)
+    if product.scale_product:
       hw = hw * scale_4H
     act = jnp.tanh(xw_Bx4H + hw) * scale_4H + offset_4H
     i, f, o, g = jnp.split(act, 4, axis=-1)
@@ -88,7 +142,7 @@ def _forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, emit=None):
       return (c, h), (h, c, act)
     return (c, h), h
 
-  if vector:
+  if product.vector:
     (c_H, h_H), h_TxH = jax.lax.scan(step, (c_BxH[0], h_BxH[0]), xw_TxBx4H[:, 0])
     return (c_H[None], h_H[None]), h_TxH[:, None]
   return jax.lax.scan(step, (c_BxH, h_BxH), xw_TxBx4H)
@@ -107,16 +161,16 @@ def lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan):
   Returns:
     (h_TxBxH, (c_BxH, h_BxH)): every step's output and the final state.
   """
-  final, h_TxBxH = _forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan)
+  final, h_TxBxH = forward_loop(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan)
   return h_TxBxH, final
 
 
 def _recurrence_fwd(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan):
   if plan.factors_in_forward_loop:
-    final, (h_TxBxH, *factors) = _forward(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, "factors")
+    final, (h_TxBxH, *factors) = forward_loop(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, "factors")
     saved = {"factors": tuple(factors)}
   else:
-    final, (h_TxBxH, c_TxBxH, gates_TxBx4H) = _forward(
+    final, (h_TxBxH, c_TxBxH, gates_TxBx4H) = forward_loop(
         xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, "gates")
     saved = {"c0": c_BxH, "c": c_TxBxH, "gates": gates_TxBx4H}
   return (h_TxBxH, final), (w_hh_Hx4H, h_BxH, h_TxBxH, saved)
