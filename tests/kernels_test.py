@@ -390,20 +390,19 @@ class PlanTest(parameterized.TestCase):
 
   def test_cpu_float32_training_window(self):
     plan = plan_lib.resolve(dtype="float32", batch_size=20, vocab_size=10000,
-                            stream_tokens=400, backend="cpu", num_devices=1)
-    self.assertEqual(plan, kernels.Plan(factors_in_forward_loop=True, fold_output_bias=True,
-                                        members_one_by_one=True))
+                            stream_tokens=400, backend="cpu")
+    self.assertEqual(plan, kernels.Plan(factors_in_forward_loop=True, fold_output_bias=True))
 
   @parameterized.named_parameters(("native", BOTH, "native_bf16_pairs", True),
                                   ("xla", frozenset(), "xla_transposed", False))
   def test_cpu_bfloat16_char_window(self, offers, product, one_row):
     plan = plan_lib.resolve(dtype="bfloat16", batch_size=100, vocab_size=50,
-                            stream_tokens=5000, backend="cpu", num_devices=1, native_offers=offers)
+                            stream_tokens=5000, backend="cpu", native_offers=offers)
     self.assertEqual(plan, kernels.Plan(dtype="bfloat16", first_layer_per_vocab_row=True,
                                         recurrent_product=product,
                                         native_one_row_products=one_row,
                                         weight_grads_via_gather=True,
-                                        factors_in_forward_loop=True, members_one_by_one=True))
+                                        factors_in_forward_loop=True))
 
   def test_output_in_row_blocks_only_where_it_paid(self):
     def rows(dtype, hidden, vocab=10000):
@@ -413,11 +412,6 @@ class PlanTest(parameterized.TestCase):
     self.assertEqual(rows("bfloat16", 650), 0)  # medium: 13 MB
     self.assertEqual(rows("float32", 200), 0)
     self.assertEqual(rows("bfloat16", 200, vocab=50), 0)  # characters: nothing to gain
-
-  def test_members_side_by_side_over_several_cpu_devices(self):
-    plan = plan_lib.resolve(batch_size=20, vocab_size=10000, stream_tokens=400, backend="cpu",
-                            num_devices=4)
-    self.assertFalse(plan.members_one_by_one)
 
   def test_cpu_batch_one_test_stream(self):
     def product(dtype, hidden=None, offers=BOTH):

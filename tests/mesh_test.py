@@ -179,6 +179,11 @@ class LayoutTest(parameterized.TestCase):
   def test_automatic_layout_puts_members_first(self, members, batch, devices, want):
     self.assertEqual(mesh_lib.layout(members, batch, devices), want)
 
+  def test_members_one_by_one_only_on_a_single_cpu_device(self):
+    self.assertTrue(mesh_lib.members_one_by_one("cpu", 1))
+    self.assertFalse(mesh_lib.members_one_by_one("cpu", 4))  # spread over devices: side by side
+    self.assertFalse(mesh_lib.members_one_by_one("gpu", 1))
+
   def test_rows_that_do_not_divide_are_refused_with_the_numbers(self):
     with self.assertRaisesRegex(mesh_lib.MeshError,
                                 r"^20 batch rows do not divide over 3 devices left after members"

@@ -59,9 +59,6 @@ class Plan:
   # Evaluation's softmax runs over blocks of this many rows (0: all rows at once), so that each
   # block's logits stay in cache through the max, exp and sum that follow the product.
   output_rows_per_block: int = 0
-  # Several members in one program run one after another (lax.map), each with the one-model
-  # kernels, instead of side by side (vmap, whose batched products are other kernels).
-  members_one_by_one: bool = False
 
   def __post_init__(self):
     if self.kernels not in KERNELS:
@@ -108,11 +105,11 @@ def plan_for(**use) -> Plan:
 
 def resolve(*, kernels: str = "fast", dtype: str = "float32", batch_size: int, vocab_size: int,
             stream_tokens: int, hidden_size: int | None = None, backend: str | None = None,
-            num_devices: int | None = None, native_offers: frozenset[str] = frozenset()) -> Plan:
+            native_offers: frozenset[str] = frozenset()) -> Plan:
   """The plan for `batch_size` rows over `stream_tokens` tokens of a `vocab_size` vocabulary.
 
   Decides only: it builds nothing and reads nothing but its arguments (and, for those not given,
-  jax's backend and device count).
+  jax's backend).
 
   Args:
     kernels: "fast", or "reference" for the plain forms (every choice below off).
@@ -123,12 +120,10 @@ def resolve(*, kernels: str = "fast", dtype: str = "float32", batch_size: int, v
       whole evaluation stream when evaluation makes the projection once for all its windows.
     hidden_size: the model's; given, evaluation's softmax may run in row blocks.
     backend: "cpu", "gpu", "tpu"; default: where jax runs.
-    num_devices: devices the members are spread over; default: every device of the run.
     native_offers: the precisions whose native products may run ("float32", "bfloat16"; as
       `native.offers()` gives them); default none: XLA's products.
   """
   backend = backend or jax.default_backend()
-  num_devices = jax.device_count() if num_devices is None else num_devices
   dtype = str(dtype)
   if kernels == "reference":
     return Plan(kernels=kernels, dtype=dtype)
@@ -152,7 +147,6 @@ def resolve(*, kernels: str = "fast", dtype: str = "float32", batch_size: int, v
       factors_in_forward_loop=cpu,
       fold_output_bias=cpu and dtype == "float32",
       output_rows_per_block=OUTPUT_BLOCK_ROWS if output_in_blocks else 0,
-      members_one_by_one=cpu and num_devices == 1,
   )
 
 
