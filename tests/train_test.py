@@ -192,9 +192,9 @@ class EvaluateTest(absltest.TestCase):
     params = model.init(jax.random.key(2), stream[None, :5], model_lib.zero_state(2, 1, 16),
                         train=False)["params"]
     windows = data_lib.eval_windows(data_lib.batchify(stream, 1), 8)  # 22 predictions, padded
-    nll_NxBxT, count = jax.jit(functools.partial(train_lib.evaluate, model=model))(
+    nll, nll_NxBxT, count = jax.jit(functools.partial(train_lib.evaluate, model=model))(
         params, *windows)
-    nll = train_lib.nll_sum(nll_NxBxT)
+    self.assertAlmostEqual(float(nll_NxBxT.sum()), float(nll), places=3)
     carry, want = model_lib.zero_state(2, 1, 16), 0.0
     for t in range(len(stream) - 1):  # one token at a time, the state carried throughout
       logits, carry = model.apply({"params": params}, stream[None, t:t + 1], carry, train=False)

@@ -22,11 +22,10 @@ from zaremba_jax import train as train_lib
 
 def evaluate_members(params, inputs_NxBxT, targets_NxBxT, mask_NxBxT, *, model):
   """`train.evaluate` for every member over the same windows, each from its own zero state:
-  (nll_K, nll_KxNxBxT, count_K), with each member's total NLL (`train.nll_sum`)."""
+  (nll_K, nll_KxNxBxT, count_K)."""
   evaluate = functools.partial(train_lib.evaluate, model=model)
-  nll_KxNxBxT, count_K = members_lib.lift(evaluate, (0, None, None, None))(
-      params, inputs_NxBxT, targets_NxBxT, mask_NxBxT)
-  return train_lib.nll_sum(nll_KxNxBxT), nll_KxNxBxT, count_K
+  return members_lib.lift(evaluate, (0, None, None, None))(params, inputs_NxBxT, targets_NxBxT,
+                                                           mask_NxBxT)
 
 
 class Evaluator:
@@ -61,7 +60,7 @@ class Evaluator:
     result = {"member_nll": [float(x) for x in member_nll_K], "count": float(count_K[0])}
     nll_KxP = np.asarray(nll_KxNxBxT).reshape(members, -1)
     mask_P = np.asarray(self.windows[split][2]).reshape(-1)
-    # One member is its own ensemble: its float32 sum (`train.nll_sum`).
+    # One member is its own ensemble: its sum as `train.evaluate` makes it.
     result["nll_sum"] = (result["member_nll"][0] if members == 1 else
                          members_lib.ensemble_nll(nll_KxP, mask_P))
     if tokens:

@@ -106,16 +106,16 @@ def train_steps(state: TrainState, inputs_KxBxT, targets_KxBxT, *, model, tx):
 
 
 def evaluate(params, inputs_NxBxT, targets_NxBxT, mask_NxBxT, *, model):
-  """Every target's NLL and the token count over windows run in order, the state carried from a
-  zero start.
+  """Total NLL, every target's NLL and the token count over windows run in order, the state
+  carried from a zero start.
 
   With batch 1 and the whole stream this is the paper's test protocol: the state runs token by
   token from the first token to the last. One scan over all windows, so one dispatch in all.
   `model` is planned for this stream (`model_lib.planned_for`).
 
   Returns:
-    (nll_NxBxT, count): each target's NLL, 0 where masked (summed by `nll_sum`; averaged over
-    members by `members.ensemble_nll`), and the number of unmasked targets.
+    (nll_sum, nll_NxBxT, count): the NLL summed window by window, each target's NLL (0 where
+    masked: what an ensemble averages, `members.ensemble_nll`), and the unmasked targets.
   """
   carry = model_lib.zero_state(model.num_layers, inputs_NxBxT.shape[1], model.hidden_size)
   # The first layer's input projection of every vocabulary row, made once for all windows.
@@ -126,14 +126,9 @@ def evaluate(params, inputs_NxBxT, targets_NxBxT, mask_NxBxT, *, model):
     inputs_BxT, targets_BxT, mask_BxT = window
     nll_BxT, carry = model.apply({"params": params}, inputs_BxT, carry, train=False,
                                  targets_BxT=targets_BxT, xw_table_Vx4H=xw_table_Vx4H)
-    return carry, (nll_BxT * mask_BxT, mask_BxT.sum())
+    masked_BxT = nll_BxT * mask_BxT
+    return carry, (masked_BxT.sum(), masked_BxT, mask_BxT.sum())
 
-  _, (nll_NxBxT, count_N) = jax.lax.scan(body, carry, (inputs_NxBxT, targets_NxBxT, mask_NxBxT))
-  return nll_NxBxT, count_N.sum()
-
-
-def nll_sum(nll_xNxBxT):
-  """The total NLL of `evaluate`'s targets in float32, window by window (each window's rows and
-  steps first, then the windows in order); over the last three axes, so [K, N, B, T] gives each
-  member's."""
-  return nll_xNxBxT.sum(axis=(-2, -1)).sum(axis=-1)
+  _, (nll_N, nll_NxBxT, count_N) = jax.lax.scan(body, carry,
+                                                (inputs_NxBxT, targets_NxBxT, mask_NxBxT))
+  return nll_N.sum(), nll_NxBxT, count_N.sum()
