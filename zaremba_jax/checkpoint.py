@@ -25,7 +25,8 @@ BEST = "best"
 
 
 # Flags that change a parameter's shape or the data a position refers to: fixed for a run.
-FIXED_ON_RESUME = ("level", "num_layers", "hidden_size", "batch_size", "num_steps", "members")
+FIXED_ON_RESUME = ("level", "num_layers", "hidden_size", "batch_size", "num_steps", "members",
+                   *config_lib.REGULARIZER_SHAPE_FIELDS)  # regularizers.py: tying, the projection
 
 
 class CheckpointError(RuntimeError):

@@ -12,6 +12,10 @@ MODES = ("train", "evaluate", "query", "serve", "sample")
 LEVELS = ("word", "char")
 DTYPES = ("float32", "bfloat16")
 KERNELS = ("fast", "reference")
+# The regularizers' fields (regularizers.py): all of them, and those that change a parameter's
+# shape (fixed for a run, as hidden_size is).
+REGULARIZER_FIELDS = ("tie_weights", "projection_reg")
+REGULARIZER_SHAPE_FIELDS = ("tie_weights", "projection_reg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,9 @@ class Config:
   kernels: str = "fast"          # fast kernels, or the reference (the paper's cell under autodiff)
   members: int = 1               # models trained together (seeds seed..seed+members-1), averaged
   mesh: str = ""                 # devices per axis, "members=M,batch=N" ("": members first)
+  # --- The successors' regularizers (regularizers.py), all off by default ---
+  tie_weights: bool = False      # softmax weights = embedding^T (Press & Wolf; Inan et al.)
+  projection_reg: float = 0.0    # >0: projection P [H,H] before the tied softmax, loss + this * sum(P^2)
 
   def __post_init__(self):
     errors = []
@@ -69,8 +76,19 @@ class Config:
       errors.append(f"--lr_decay={self.lr_decay} must be >= 1 (it divides the learning rate)")
     if self.max_train_steps < 0:
       errors.append(f"--max_train_steps={self.max_train_steps} must be >= 0 (0 means no cap)")
+    errors.extend(self._regularizer_errors())
     if errors:
       raise ValueError("; ".join(errors))
+
+  def _regularizer_errors(self) -> list[str]:
+    """The regularizers' flags (regularizers.py): what is wrong with them, for people."""
+    errors = []
+    if self.projection_reg < 0:
+      errors.append(f"--projection_reg={self.projection_reg} must be >= 0 (0: no projection)")
+    if self.projection_reg > 0 and not self.tie_weights:
+      errors.append(f"--projection_reg={self.projection_reg} regularizes the projection before a"
+                    f" tied softmax (Press & Wolf); add --tie_weights")
+    return errors
 
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)

@@ -90,6 +90,14 @@ flags.DEFINE_integer("test_chunk", _DEFAULTS.test_chunk, "Tokens per scan chunk 
 flags.DEFINE_integer("log_per_epoch", _DEFAULTS.log_per_epoch, "Progress lines per epoch.",
                      lower_bound=1)
 
+# --- The successors' regularizers (zaremba_jax/regularizers.py), all off by default ---
+flags.DEFINE_bool("tie_weights", _DEFAULTS.tie_weights, "The softmax's weights are the embedding,"
+                  " transposed (Press & Wolf 2017; Inan et al. 2017).")
+flags.DEFINE_float("projection_reg", _DEFAULTS.projection_reg, "Press & Wolf's projection"
+                   " regularization: > 0 puts a projection P [hidden, hidden] (with a bias) before"
+                   " the tied softmax and adds this * sum(P^2) to the loss (their code: 1/260)."
+                   " Needs --tie_weights.", lower_bound=0.0)
+
 flags.register_validator("dropout", lambda v: 0.0 <= v < 1.0,
                          "--dropout must be in [0, 1): it is the probability of dropping")
 for _name in ("init_scale", "learning_rate", "max_grad_norm"):
@@ -160,7 +168,10 @@ class StopOnSignal:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = config_from_flags()
+  try:
+    config = config_from_flags()
+  except ValueError as e:  # flags that each pass but do not go together
+    raise app.UsageError(str(e)) from None
   warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
   if not FLAGS["verbosity"].present:  # Orbax and jax log every save at INFO; -v 0 shows them
     logging.set_verbosity(logging.WARNING)

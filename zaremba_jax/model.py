@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from zaremba_jax import kernels
+from zaremba_jax import regularizers
 
 
 class LSTMState(NamedTuple):
@@ -102,6 +103,8 @@ class LanguageModel(nn.Module):
   dropout: float
   init_scale: float
   plan: kernels.Plan = kernels.Plan()  # kernels, matmul dtype, forms; parameters stay float32
+  # The successors' regularizers (regularizers.py); the defaults are the paper's model.
+  options: regularizers.Options = regularizers.Options()
 
   @nn.compact
   def __call__(self, tokens_BxT, carry: LSTMState, *, train: bool, targets_BxT=None,
@@ -133,7 +136,15 @@ class LanguageModel(nn.Module):
       x_input = dict(x_TxBxD=x_TxBxH)
       new_c.append(c)
       new_h.append(h)
-    w_out = self.param("softmax_w", init, (self.hidden_size, self.vocab_size))
+    # --- regularizers.py: tying and the projection before the tied softmax (Press & Wolf) ---
+    if self.options.output_projection:
+      x_TxBxH = kernels.input_projection(
+          x_TxBxH, self.param("projection_w", init, (self.hidden_size, self.hidden_size)),
+          self.param("projection_b", init, (self.hidden_size,)), self.plan)
+    if self.options.tie_weights:
+      w_out = embedding_VxH.T
+    else:
+      w_out = self.param("softmax_w", init, (self.hidden_size, self.vocab_size))
     b_out = self.param("softmax_b", init, (self.vocab_size,))
     carry = LSTMState(jnp.stack(new_c), jnp.stack(new_h))
     x_BxTxH = jnp.swapaxes(x_TxBxH, 0, 1)
@@ -170,7 +181,8 @@ def make_model(config, vocab_size: int, *, batch_size: int | None = None,
                           hidden_size=config.hidden_size)
   return LanguageModel(vocab_size=vocab_size, hidden_size=config.hidden_size,
                        num_layers=config.num_layers, dropout=config.dropout,
-                       init_scale=config.init_scale, plan=plan)
+                       init_scale=config.init_scale, plan=plan,
+                       options=regularizers.options_from_config(config))
 
 
 def planned_for(model: LanguageModel, batch_size: int, stream_tokens: int) -> LanguageModel:

@@ -33,6 +33,8 @@ REFERENCES = {
     "char_small": ("course seed valid 282 (%.4f bpc)" % course_to_bpc(282.0), course_to_bpc(282.0)),
     "char_large": ("course seed valid 220.7 (%.4f bpc)" % course_to_bpc(220.7),
                    course_to_bpc(220.7)),
+    # The successors' rows (regularizers.py; each preset's header names its paper).
+    "small_tied_pr": ("Press & Wolf valid 104.9", 104.9),
 }
 
 # What makes a run one of the presets: the model, the data it reads and the schedule. Speed-only
@@ -59,9 +61,12 @@ def recognise(saved_config: dict | None) -> str | None:
   if not saved_config:
     return None
   from zaremba_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  defaults = config_lib.Config().to_dict()
+  fields = PRESET_FIELDS + config_lib.REGULARIZER_FIELDS
   for name in config_lib.preset_names():
     wanted = config_lib.preset(name).to_dict()
-    if all(saved_config.get(field) == wanted[field] for field in PRESET_FIELDS):
+    # A field newer than the run (a regularizer's) has its default, as the run had it.
+    if all(saved_config.get(field, defaults[field]) == wanted[field] for field in fields):
       return name
   return None
 

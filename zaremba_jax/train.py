@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from zaremba_jax import model as model_lib
+from zaremba_jax import regularizers
 
 
 def learning_rate_for_epoch(epoch: int, learning_rate: float, max_epoch: int,
@@ -82,6 +83,8 @@ def train_step(state: TrainState, inputs_BxT, targets_BxT, *, model, tx):
     nll_BxT, carry = model.apply({"params": params}, inputs_BxT, state.carry, train=True,
                                  targets_BxT=targets_BxT, rngs={"dropout": dropout_key})
     loss, nll_sum = sequence_loss(nll_BxT)
+    if model.options != regularizers.Options():  # regularizers.py: terms on the weights
+      loss = loss + regularizers.penalty(params, model.options)
     return loss, (carry, nll_sum)
 
   (_, (carry, nll_sum)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
