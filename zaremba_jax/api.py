@@ -139,13 +139,24 @@ def load(workdir: str, step: int | None = None) -> Trained:
   return checkpoint_lib.load_trained(workdir, step, say=_note)
 
 
-def evaluate(workdir: str, data_dir: str | None = None, step: int | None = None) -> dict:
+def evaluate(workdir: str, data_dir: str | None = None, step: int | None = None,
+             caches=(), dynamics=()) -> dict:
   """Valid and test perplexity of a run's best checkpoint, as `--mode=evaluate` (evaluation.evaluate_checkpoint).
 
   `workdir` may be several runs, "runs/a,runs/b": their members' probabilities are averaged.
 
     evaluate("runs/small")  # {'step': 17290, 'valid': 120.1, 'test': 115.0}
+
+  Given test-time methods (`test_time.Cache`, `test_time.Dynamic`; several of each are a search
+  on valid), the batch-1 rows of `evaluation.evaluate_test_time` instead:
+
+    from zaremba_jax.test_time import Cache, Dynamic
+    evaluate("runs/small", caches=[Cache(window=2000, theta=t, lam=0.1) for t in (0.3, 1.0)],
+             dynamics=[Dynamic(lr=0.002, decay=0.02)])
+    # {'plain': {'valid': ..., 'test': ..., 'settings': 'plain', ...}, 'cache': ..., 'both': ...}
   """
+  if caches or dynamics:
+    return evaluation.evaluate_test_time(workdir, data_dir, caches, dynamics, step, say=_note)
   return evaluation.evaluate_checkpoint(workdir, data_dir, step)
 
 

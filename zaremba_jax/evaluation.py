@@ -7,6 +7,8 @@ average.
 """
 
 import functools
+import sys
+import time
 
 import jax
 import numpy as np
@@ -17,6 +19,7 @@ from zaremba_jax import members as members_lib
 from zaremba_jax import mesh as mesh_lib
 from zaremba_jax import model as model_lib
 from zaremba_jax import reporting
+from zaremba_jax import test_time
 from zaremba_jax import train as train_lib
 
 
@@ -148,3 +151,112 @@ def _report_split(reporter, split: str, parts: list[dict], step: int, epoch: int
     _, text, _ = reporter.measures(members_lib.ensemble_nll(token_nll[:k], mask), count)
     reporter.say(f"{split} {text}  (average of the first {k} of {members} members)")
   return headline
+
+
+def evaluate_test_time(workdir: str, data_dir: str | None, caches=(), dynamics=(),
+                       step: int | None = None, dtype: str | None = None, say=print,
+                       bar: bool | None = None) -> dict:
+  """The plain model and the test-time methods (`test_time.py`) on the batch-1 streams of valid
+  and test, each method's settings chosen on valid alone, then test scored once with them.
+
+  Reports the plain model, + cache (the best of `caches`), + dynamic evaluation (the best of
+  `dynamics`) and + both (the best pair), the rows whose settings were given. Several runs
+  ("runs/a,runs/b") are averaged: each member is adapted (dynamic) and mixed (cache) on its own,
+  then their probabilities are averaged.
+
+  Returns:
+    {row: {'valid', 'test' (headline numbers), 'settings', 'test_seconds'}} for each row, row in
+    'plain', 'cache', 'dynamic', 'both'.
+  """
+  caches, dynamics = list(caches), list(dynamics)
+  workdirs = [w for w in workdir.split(",") if w]
+  runs = _load_runs(workdirs, step, say, dtype)
+  corpus = data_lib.corpus_for(runs[0].config, data_dir)
+  for trained in runs:
+    checkpoint_lib.check_vocab(corpus.vocab, trained.vocab, "")
+  measure = reporting.Reporter(None, level=runs[0].config.level)
+  scorers = [test_time.Scorer(t.model, t.config.test_chunk) for t in runs]
+  streams = {"valid": corpus.valid, "test": corpus.test}
+  ms_of_run = {}
+  outputs_of = {}
+
+  def outputs(split, dynamic):
+    """Each run's (nll_KxP, h_KxPxH, targets_P) and the seconds they took (cached)."""
+    if (split, dynamic) not in outputs_of:
+      parts, seconds = [], 0.0
+      for i, (scorer, trained) in enumerate(zip(scorers, runs)):
+        ms = None
+        if dynamic is not None and dynamic.rms:
+          ms_key = (i, dynamic.ms_windows, dynamic.ms_batch, dynamic.segment)
+          if ms_key not in ms_of_run:
+            ms_of_run[ms_key] = scorer.mean_square_gradients(trained.params, corpus.train, dynamic)
+          ms = ms_of_run[ms_key]
+        parts.append(scorer.outputs(trained.params, streams[split], dynamic, ms))
+        seconds += scorer.seconds
+      outputs_of[(split, dynamic)] = (parts, seconds)
+    return outputs_of[(split, dynamic)]
+
+  def score(split, dynamic, cache):
+    parts, seconds = outputs(split, dynamic)
+    if split == "test":  # compiles the mixture apart from the timing
+      test_time.with_cache(*parts[0], cache)
+    start = time.perf_counter()
+    nll_KxP = np.concatenate([test_time.with_cache(*part, cache) for part in parts])
+    seconds += time.perf_counter() - start
+    return measure.measures(test_time.total_nll(nll_KxP), nll_KxP.shape[1])[2], seconds
+
+  off = test_time.Cache()
+  rows = {"plain": [(None, off)]}
+  if caches:
+    rows["cache"] = [(None, c) for c in caches]
+  if dynamics:
+    rows["dynamic"] = [(d, off) for d in dynamics]
+  if caches and dynamics:
+    rows["both"] = [(d, c) for d in dynamics for c in caches]
+  points = list(dict.fromkeys(p for candidates in rows.values() for p in candidates))
+  say(f"test-time evaluation of {', '.join(t.path for t in runs)} in {runs[0].config.dtype}:"
+      f" {len(points)} settings on the batch-1 validation stream, then test once per row")
+  progress = _progress_bar(len(points), bar)
+  valid = {}
+  for i, (dynamic, cache) in enumerate(points):
+    valid[(dynamic, cache)], _ = score("valid", dynamic, cache)
+    line = (f"valid {i + 1}/{len(points)}  {describe(dynamic, cache)}:"
+            f" {measure.headline_name()} {valid[(dynamic, cache)]:.2f}")
+    if progress is not None:
+      progress.write(line)
+      progress.update()
+    else:
+      say(line)
+  if progress is not None:
+    progress.close()
+  result = {}
+  for row, candidates in rows.items():
+    best = min(candidates, key=lambda p: valid[p])
+    test_value, seconds = score("test", *best)
+    result[row] = {"valid": valid[best], "test": test_value, "settings": describe(*best),
+                   "test_seconds": seconds}
+  name = measure.headline_name()
+  for row, r in result.items():
+    say(f"{row:8s} valid {name} {r['valid']:8.2f}  test {name} {r['test']:8.2f}"
+        f"  test {r['test_seconds']:6.1f} s  ({r['settings']})")
+  return result
+
+
+def describe(dynamic, cache) -> str:
+  """A row's settings in words, e.g. 'cache window 2000 theta 0.3 lambda 0.1'."""
+  parts = []
+  if dynamic is not None:
+    form = f"rms eps {dynamic.eps:g}" if dynamic.rms else "sgd"
+    parts.append(f"dynamic lr {dynamic.lr:g} decay {dynamic.decay:g} segment {dynamic.segment}"
+                 f" {form}")
+  if cache.on:
+    parts.append(f"cache window {cache.window} theta {cache.theta:g} lambda {cache.lam:g}")
+  return ", ".join(parts) or "plain"
+
+
+def _progress_bar(total: int, bar: bool | None):
+  """A tqdm bar on stderr (where it is a terminal, or where `bar`), else None: lines instead."""
+  if bar is False or (bar is None and not reporting._isatty(sys.stderr)):  # pylint: disable=protected-access
+    return None
+  tqdm = reporting._tqdm_class()  # pylint: disable=protected-access
+  return tqdm(total=total, desc="search on valid", file=sys.stderr, leave=False) if tqdm else None

@@ -5,6 +5,7 @@
 """
 
 import dataclasses
+import itertools
 import signal
 import sys
 import warnings
@@ -97,6 +98,29 @@ flags.DEFINE_float("projection_reg", _DEFAULTS.projection_reg, "Press & Wolf's p
                    " regularization: > 0 puts a projection P [hidden, hidden] (with a bias) before"
                    " the tied softmax and adds this * sum(P^2) to the loss (their code: 1/260)."
                    " Needs --tie_weights.", lower_bound=0.0)
+
+# --- Test-time methods (zaremba_jax/test_time.py), --mode=evaluate; several values: a search ---
+flags.DEFINE_list("cache_window", [], "--mode=evaluate: add the continuous cache (Grave et al."
+                  " 2017) over this many previous positions. Several values, here or in"
+                  " --cache_theta/--cache_lambda, are searched on valid; test is scored once.")
+flags.DEFINE_list("cache_theta", ["1.0"], "--mode=evaluate: the cache's inverse temperature.")
+flags.DEFINE_list("cache_lambda", ["0.1"], "--mode=evaluate: the cache's weight in the mixture,"
+                  " in [0, 1].")
+flags.DEFINE_list("dynamic_lr", [], "--mode=evaluate: add dynamic evaluation (Krause et al. 2018)"
+                  " with this learning rate; several values (and --dynamic_decay's) are searched"
+                  " on valid.")
+flags.DEFINE_list("dynamic_decay", ["0.02"], "--mode=evaluate: dynamic evaluation's decay toward"
+                  " the trained parameters.")
+flags.DEFINE_integer("dynamic_segment", 5, "--mode=evaluate: tokens per dynamic-evaluation step.",
+                     lower_bound=1)
+flags.DEFINE_enum("dynamic_form", "rms", ["rms", "sgd"], "--mode=evaluate: rms divides each"
+                  " gradient by the root of its mean square over training windows (Krause et"
+                  " al.'s RMS form, with their RMS-scaled decay); sgd is the plain step.")
+flags.DEFINE_float("dynamic_eps", 0.001, "--mode=evaluate: the rms form's epsilon.",
+                   lower_bound=0.0)
+flags.DEFINE_integer("dynamic_ms_windows", 200, "--mode=evaluate: training windows (batch 20 x"
+                     " --dynamic_segment) over which the rms form's mean squares are taken.",
+                     lower_bound=1)
 
 flags.register_validator("dropout", lambda v: 0.0 <= v < 1.0,
                          "--dropout must be in [0, 1): it is the probability of dropping")
@@ -191,6 +215,11 @@ def main(argv):
     if config.mode == "train":
       loop.train_and_evaluate(config, FLAGS.data_dir, FLAGS.workdir, restart=FLAGS.restart,
                               stop_requested=StopOnSignal())
+    elif config.mode == "evaluate" and (FLAGS.cache_window or FLAGS.dynamic_lr):
+      caches, dynamics = test_time_settings()
+      evaluation.evaluate_test_time(FLAGS.workdir, FLAGS.data_dir, caches, dynamics,
+                                    FLAGS.checkpoint_step, dtype=dtype_override(),
+                                    say=lambda line: print(line, flush=True))
     elif config.mode == "evaluate":
       evaluation.evaluate_checkpoint(FLAGS.workdir, FLAGS.data_dir, FLAGS.checkpoint_step,
                                ensemble_sizes=tuple(int(k) for k in FLAGS.ensemble_sizes),
@@ -202,6 +231,31 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
+
+
+def test_time_settings():
+  """The cache and dynamic-evaluation settings the flags ask for: every combination of the values
+  listed (a search), or none of a method whose flag is not given."""
+  from zaremba_jax import test_time
+
+  def numbers(name, kind):
+    try:
+      return [kind(v) for v in FLAGS[name].value]
+    except ValueError:
+      raise app.UsageError(f"--{name}={','.join(FLAGS[name].value)}: give"
+                           f" {'whole numbers' if kind is int else 'numbers'}, comma-separated")
+  try:
+    caches = [test_time.Cache(window=w, theta=t, lam=l) for w, t, l in itertools.product(
+        numbers("cache_window", int), numbers("cache_theta", float),
+        numbers("cache_lambda", float))]
+    dynamics = [test_time.Dynamic(lr=lr, decay=d, segment=FLAGS.dynamic_segment,
+                                  rms=FLAGS.dynamic_form == "rms", eps=FLAGS.dynamic_eps,
+                                  ms_windows=FLAGS.dynamic_ms_windows)
+                for lr, d in itertools.product(numbers("dynamic_lr", float),
+                                               numbers("dynamic_decay", float))]
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  return caches, dynamics
 
 
 def dtype_override() -> str | None:
