@@ -145,6 +145,30 @@ class BarPerCallTest(absltest.TestCase):
     self.assertEqual(waited, [10, 40])
     self.assertIn("10/90 steps", reporter.stream.getvalue())
 
+  def test_the_training_loop_ticks_after_every_call(self):
+    from zaremba_jax import loop  # pylint: disable=import-outside-toplevel
+    ticks = []
+
+    class Recording(reporting.Reporter):
+      def tick(self, step, epoch, fraction, metrics):
+        ticks.append((step, epoch, fraction))
+        super().tick(step, epoch, fraction, metrics)
+
+    data = helpers.write_tiny_corpus(self.create_tempdir().full_path)
+    config = helpers.tiny_config(max_max_epoch=2, steps_per_call=3, log_per_epoch=1)
+    reporter = Recording(None, io.StringIO())
+    loop.train_and_evaluate(config, data, None, reporter)
+    steps_per_epoch = reporter.steps_per_epoch
+    # Calls of 3 steps, then single steps where the epoch's end is nearer than 3.
+    want, step = [], 0
+    for epoch in (1, 2):
+      window = 0
+      while window < steps_per_epoch:
+        count = 3 if steps_per_epoch - window >= 3 else 1
+        window, step = window + count, step + count
+        want.append((step, epoch, window / steps_per_epoch))
+    self.assertEqual(ticks, want)
+
   def test_without_a_bar_nothing_waits(self):
     waited = []
     reporter = reporting.Reporter(None, io.StringIO())
