@@ -131,8 +131,8 @@ class FractionalEpochTest(absltest.TestCase):
     self.assertEqual(lines["short train"].get_marker(), "o")  # one point: drawn as a dot
 
   def test_a_full_run_shaped_metrics_file(self):
-    # What 13 epochs of 1327 steps (medium's and large's epoch) write, through the Reporter as the loop
-    # calls it (a line every 132 windows, the epoch's last at its end), then the same file
+    # What 13 epochs of 1327 steps (medium's and large's epoch) write, through the Reporter as
+    # the loop calls it (a line every 132 windows, the epoch's last at its end), then the same file
     # without the new fields, as runs before 2026-12-03 wrote it.
     steps_per_epoch, log_every, epochs = 1327, 132, 13
     workdir = os.path.join(self.create_tempdir().full_path, "full")

@@ -66,7 +66,8 @@ def readme_commands() -> list[str]:
 def ci_lines(quiet: bool = True) -> list[str]:
   """.ci/run's command lines, comments left out, and pip's -q too unless `quiet`."""
   with open(os.path.join(helpers.REPO, ".ci", "run"), encoding="utf-8") as f:
-    lines = [line.split("  #")[0].strip() for line in f if line.strip() and not line.startswith("#")]
+    lines = [line.split("  #")[0].strip() for line in f
+             if line.strip() and not line.startswith("#")]
   return lines if quiet else [re.sub(r"(pip install) -q\b", r"\1", line) for line in lines]
 
 

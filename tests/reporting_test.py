@@ -132,7 +132,8 @@ class BarPerCallTest(absltest.TestCase):
     waited, positions = [], []
     for step in range(10, 30, 10):  # calls of 10 steps; the first progress line is at 30
       reporter.tick(step, 1, step / 90, Waitable(waited, step))
-      positions.append(None if reporter._bar is None else reporter._bar.n)  # pylint: disable=protected-access
+      bar = reporter._bar  # pylint: disable=protected-access
+      positions.append(None if bar is None else bar.n)
     # After the call ending at 20 was started, the one ending at 10 has finished: 10 steps shown.
     self.assertEqual(positions, [None, 10])
     self.assertEqual(waited, [10])  # and the call in flight was not waited for

@@ -75,11 +75,12 @@ def steps_per_epoch(records: list[dict], config: dict | None = None) -> float:
   """Train steps in one epoch: as the records say (`steps_per_epoch`, written by every run since
   2026-12-03), else read from older records' step and epoch.
 
-  For older records: a run's global step is (epoch - 1) x steps_per_epoch + the window in the epoch, and an epoch's
-  last progress line comes at its last window. So an epoch followed by another (or ended by its
-  validation at the same step, short of a --max_train_steps cap) gives the number exactly. A run
-  stopped inside its first epoch never saw an epoch end: the number is estimated from the spacing of
-  its progress lines (steps_per_epoch // log_per_epoch steps apart), good to log_per_epoch steps.
+  For older records: a run's global step is (epoch - 1) x steps_per_epoch + the window in the
+  epoch, and an epoch's last progress line comes at its last window. So an epoch followed by
+  another (or ended by its validation at the same step, short of a --max_train_steps cap) gives the
+  number exactly. A run stopped inside its first epoch never saw an epoch end: the number is
+  estimated from the spacing of its progress lines (steps_per_epoch // log_per_epoch steps apart),
+  good to log_per_epoch steps; with one line it cannot be told (the step itself is used).
   """
   recorded = [r["steps_per_epoch"] for r in records if r.get("steps_per_epoch")]
   if recorded:

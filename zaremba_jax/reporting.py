@@ -250,7 +250,7 @@ class Reporter:
       self._bar_epoch = epoch
       return
     self._bar.set_postfix_str(postfix, refresh=False)
-    self._bar.update(done - self._bar.n)  # redrawn at most every tenth of a second (tqdm's mininterval)
+    self._bar.update(done - self._bar.n)  # drawn at most every 0.1 s (tqdm's mininterval)
 
   def close_bar(self) -> None:
     """Closes the epoch's bar, if one is open (the lines stay)."""
