@@ -22,7 +22,7 @@ TIMING = ("words_per_sec", "minutes")
 
 
 def as_json(records, timed=True):
-  """Records as JSON lines, to compare (a test record's learning rate is NaN, unequal to itself)."""
+  """Records as JSON lines, to compare (timing fields left out with timed=False)."""
   return [json.dumps({k: v for k, v in r.items() if timed or k not in TIMING}) for r in records]
 
 

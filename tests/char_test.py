@@ -53,7 +53,8 @@ class CharRunTest(absltest.TestCase):
     result = loop.train_and_evaluate(config, data, workdir, reporting.Reporter(workdir, out))
     text = out.getvalue()
     self.assertRegex(text, r"valid bpc \d\.\d{4}  course ppl")
-    self.assertRegex(text, r"summary: valid course ppl [\d.]+  test course ppl [\d.]+ .*chars/s")
+    self.assertRegex(text, r"summary: valid bpc [\d.]+ \(course ppl [\d.]+\)  test bpc [\d.]+"
+                     r" \(course ppl [\d.]+\) .*chars/s")
     records = helpers.read_metrics(workdir)
     test = [r for r in records if r["split"] == "test"][-1]
     self.assertAlmostEqual(test["course_perplexity"], result["test"])

@@ -1,7 +1,8 @@
 """The package installs and runs: presets by name, and `zaremba-jax` from a fresh environment.
 
 PresetTest: the preset reader of config.py (nested flagfiles, comments, errors) and main's
---preset (the same flags as --flagfile, later flags override it, from any folder).
+--preset (the same flags as --flagfile, from any folder; every other flag overrides it, wherever it
+stands).
 
 InstalledPackageTest: `pip install --no-deps --no-build-isolation` of a copy of the checkout into a
 fresh virtual environment, then the installed `zaremba-jax` command, run from another folder, trains
@@ -67,12 +68,27 @@ class PresetTest(absltest.TestCase):
                      config_lib.preset_flags("small") + ["--num_steps=50"])
     self.assertEqual(self.parse("--preset=word200"), word200)
 
-  def test_later_flags_override_the_preset_and_it_overrides_earlier_ones(self):
+  def test_every_other_flag_overrides_the_preset_before_or_after_it(self):
     config = self.parse("--preset=large", "--hidden_size=32")
     self.assertEqual((config.hidden_size, config.dropout), (32, 0.65))
-    config = self.parse("--hidden_size=32", "--preset=large")
-    self.assertEqual(config.hidden_size, 1500)
+    config = self.parse("--hidden_size=32", "--preset=large")  # was silently dropped
+    self.assertEqual((config.hidden_size, config.dropout, config.num_steps), (32, 0.65, 35))
+    self.assertEqual(flags.FLAGS.preset, "large")
+    config = self.parse("--preset=small", "--preset=word200")  # the later preset wins
+    self.assertEqual(config, config_lib.preset("word200"))
     self.assertEqual(config_lib.preset("large", dtype="bfloat16").dtype, "bfloat16")
+
+  def test_a_preset_inside_a_flagfile_is_refused_in_one_line(self):
+    folder = self.create_tempdir().full_path
+    flagfile = os.path.join(folder, "mine.flags")
+    with open(flagfile, "w") as f:
+      f.write("--preset=small\n--hidden_size=64\n")
+    run = subprocess.run([sys.executable, "-m", "zaremba_jax.main", f"--flagfile={flagfile}"],
+                         cwd=folder, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": helpers.REPO}, timeout=120)
+    self.assertEqual(run.returncode, 1)
+    self.assertEqual(run.stderr, "error: --preset=small inside a --flagfile is not read; give it"
+                     " on the command line, or nest --flagfile=experiments/small.flags\n")
 
   def test_unknown_preset_names_the_known_ones(self):
     with self.assertRaisesRegex(ValueError, "'tiny' is unknown; use one of .*small.*word200"):

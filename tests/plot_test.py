@@ -104,6 +104,65 @@ class TinyRunPlotTest(absltest.TestCase):
     self.assertGreater(os.path.getsize(out), 1000)
 
 
+class FractionalEpochTest(absltest.TestCase):
+  """Points sit at step / steps_per_epoch, for a run cut short and for a full one."""
+
+  def test_a_30_step_run_with_one_progress_line(self):
+    # An epoch of 4 x 5 windows is longer than 30 steps here: the run never ends an epoch.
+    data = helpers.write_tiny_corpus(self.create_tempdir().full_path, n_lines=(2000, 40, 40))
+    config = helpers.tiny_config(max_train_steps=30, log_per_epoch=1)
+    workdir = os.path.join(self.create_tempdir().full_path, "short")
+    loop.train_and_evaluate(config, data, workdir, reporting.Reporter(workdir, io.StringIO()))
+    corpus = data_lib.load_corpus(data, "word")
+    steps_per_epoch = data_lib.num_train_windows(
+        data_lib.batchify(corpus.train, config.batch_size), config.num_steps)
+    self.assertGreater(steps_per_epoch, 100)
+    records = helpers.read_metrics(workdir)
+    self.assertEqual([(r["split"], r["step"]) for r in records],
+                     [("train", 30), ("valid", 30), ("test", 30)])
+    for r in records:
+      self.assertEqual(r["steps_per_epoch"], steps_per_epoch)
+      self.assertAlmostEqual(r["fractional_epoch"], 30 / steps_per_epoch)
+    out = os.path.join(self.create_tempdir().full_path, "short.png")
+    self.assertEqual(plot.main([workdir, "--out", out]), 0)
+    lines = lines_by_label(plot.plot([workdir]).axes[0])
+    np.testing.assert_allclose(lines["short valid"].get_xdata(), [30 / steps_per_epoch])
+    np.testing.assert_allclose(lines["short train"].get_xdata(), [30 / steps_per_epoch])
+    self.assertEqual(lines["short train"].get_marker(), "o")  # one point: drawn as a dot
+
+  def test_a_full_run_shaped_metrics_file(self):
+    # What 13 epochs of 1327 steps (medium's and large's epoch) write, through the Reporter as
+    # the loop calls it (a line every 132 windows, the epoch's last at its end), then the same file
+    # without the new fields, as runs before 2026-12-03 wrote it.
+    steps_per_epoch, log_every, epochs = 1327, 132, 13
+    workdir = os.path.join(self.create_tempdir().full_path, "full")
+    reporter = reporting.Reporter(workdir, io.StringIO())
+    reporter.steps_per_epoch = steps_per_epoch
+    want_train = []
+    for epoch in range(1, epochs + 1):
+      windows = [w for w in range(log_every, steps_per_epoch, log_every)
+                 if steps_per_epoch - w >= log_every // 2] + [steps_per_epoch]
+      for w in windows:
+        step = (epoch - 1) * steps_per_epoch + w
+        want_train.append(step / steps_per_epoch)
+        reporter.train_progress(step=step, epoch=epoch, fraction=w / steps_per_epoch,
+                                nll_sum=500.0 / epoch, count=100, words_per_sec=8000.0,
+                                learning_rate=1.0, grad_norm=1.0)
+      reporter.eval_result(step=epoch * steps_per_epoch, epoch=epoch, split="valid",
+                           nll_sum=480.0 / epoch, count=100, learning_rate=1.0)
+    reporter.eval_result(step=epochs * steps_per_epoch, epoch=epochs, split="test", nll_sum=470.0,
+                         count=100, learning_rate=float("nan"))
+    old = write_metrics(os.path.join(self.create_tempdir().full_path, "old"), [
+        {k: v for k, v in r.items() if k not in ("steps_per_epoch", "fractional_epoch")}
+        for r in helpers.read_metrics(workdir)])
+    for folder, name in ((workdir, "full"), (old, "old")):
+      lines = lines_by_label(plot.plot([folder]).axes[0])
+      np.testing.assert_allclose(lines[f"{name} train"].get_xdata(), want_train, err_msg=name)
+      np.testing.assert_allclose(lines[f"{name} valid"].get_xdata(), range(1, epochs + 1),
+                                 err_msg=name)
+    self.assertLen(want_train, 10 * epochs)
+
+
 class PlotTest(absltest.TestCase):
 
   def test_several_runs_members_and_the_paper_reference(self):

@@ -134,6 +134,20 @@ class SampleTest(absltest.TestCase):
     self.assertEqual([len(l.split()) for l in run.stdout.splitlines()], [8])
     self.assertIn("error: query 'bad'", run.stderr)
 
+  def test_command_line_sample_defaults_to_the_apis_temperature(self):
+    # One default for both: 1.0 (the model's own distribution), not greedy.
+    from zaremba_jax import api  # pylint: disable=import-outside-toplevel
+    run = subprocess.run([sys.executable, "-m", "zaremba_jax.main", "--mode=sample",
+                          f"--workdir={self.word_dir}", "--prime=w1 w2", "--sample_len=40"],
+                         capture_output=True, text=True, cwd=helpers.REPO, timeout=300)
+    self.assertEqual(run.returncode, 0, run.stderr[-2000:])
+    self.assertEqual(sample.SAMPLE_TEMPERATURE, 1.0)
+    self.assertEqual(run.stdout, api.sample(self.word, prime="w1 w2", length=40) + "\n")
+    self.assertEqual(run.stdout, api.sample(self.word, prime="w1 w2", length=40,
+                                            temperature=1.0) + "\n")
+    self.assertNotEqual(run.stdout, api.sample(self.word, prime="w1 w2", length=40,
+                                               temperature=0.0) + "\n")
+
   def test_command_line_serve_starts_with_ok_go(self):
     run = subprocess.run([sys.executable, "-m", "zaremba_jax.main", "--mode=serve",
                           f"--workdir={self.char_dir}"], input="w\n1\n",

@@ -170,7 +170,8 @@ def _predictor(trained) -> sample_lib.Predictor:
   return cache["_api_predictor"]
 
 
-def query_sentences(trained: Trained, queries, temperature: float = 0.0, top_k: int = 0,
+def query_sentences(trained: Trained, queries,
+                    temperature: float = sample_lib.QUERY_TEMPERATURE, top_k: int = 0,
                     seed: int = 0, max_query_len: int = 100) -> list[str]:
   """Completes each "N word1 word2 ..." with N words, as `--mode=query` (sample.query_sentences).
 
@@ -182,12 +183,14 @@ def query_sentences(trained: Trained, queries, temperature: float = 0.0, top_k: 
                                     max_query_len, warn=_note)
 
 
-def sample(trained: Trained, prime: str = "", length: int = 200, temperature: float = 1.0,
+def sample(trained: Trained, prime: str = "", length: int = 200,
+           temperature: float = sample_lib.SAMPLE_TEMPERATURE,
            top_k: int = 0, seed: int = 0) -> str:
   """The prime followed by `length` generated tokens, as `--mode=sample` prints them.
 
   Words are joined by spaces, characters as text ("_" back to a space); <eos> is a line break.
-  Temperature 0 takes the most likely token; the same seed gives the same text.
+  Temperature 1 (the default, as `--mode=sample`'s) draws from the model's distribution, lower
+  sharpens it, 0 takes the most likely token; the same seed gives the same text.
 
     print(sample(trained, prime="the company", length=30, temperature=0.8, seed=1))
   """

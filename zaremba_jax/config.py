@@ -46,6 +46,7 @@ class Config:
   kernels: str = "fast"          # fast kernels, or the reference (the paper's cell under autodiff)
   members: int = 1               # models trained together (seeds seed..seed+members-1), averaged
   mesh: str = ""                 # devices per axis, "members=M,batch=N" ("": members first)
+  tensorboard: bool = False      # also write the metrics as TensorBoard events (needs tensorboardX)
   # --- The successors' regularizers (regularizers.py), all off by default ---
   tie_weights: bool = False      # softmax weights = embedding^T (Press & Wolf; Inan et al.)
   projection_reg: float = 0.0    # >0: projection P [H,H] before the tied softmax, loss + this * sum(P^2)

@@ -128,11 +128,9 @@ def evaluate_checkpoint(workdir: str, data_dir: str | None, step: int | None = N
   for split in ("valid", "test"):
     parts = [ev(t.params, split, tokens=True) for ev, t in zip(evaluators, runs)]
     result[split] = _report_split(reporter, split, parts, first.step, epoch, ensemble_sizes)
-  name = reporter.headline_name()
   source = (f"checkpoint {first.step}" if len(runs) == 1 else
             f"{members} members of {len(runs)} runs")
-  reporter.say(f"summary: valid {name} {result['valid']:.2f}  test {name} {result['test']:.2f}"
-               f"  ({source})")
+  reporter.summary(result["valid"], result["test"], f"({source})")
   return result
 
 
@@ -145,7 +143,7 @@ def _report_split(reporter, split: str, parts: list[dict], step: int, epoch: int
   members = len(member_nll)
   nll_sum = parts[0]["nll_sum"] if members == 1 else members_lib.ensemble_nll(token_nll, mask)
   headline = reporter.eval_result(step=step, epoch=epoch, split=split,
-                                  learning_rate=float("nan"), nll_sum=nll_sum, count=count,
+                                  learning_rate=None, nll_sum=nll_sum, count=count,
                                   member_nll=member_nll)
   for k in ensemble_sizes:
     _, text, _ = reporter.measures(members_lib.ensemble_nll(token_nll[:k], mask), count)

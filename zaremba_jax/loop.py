@@ -234,6 +234,7 @@ class Training:
       progress.window += count
       self.words_since += count * run.words_per_step
       self.step += count
+      self.reporter.tick(self.step, progress.epoch, progress.window / run.steps_per_epoch, metrics)
       at_end = progress.window == run.steps_per_epoch
       # A line every log_every windows, and one at the epoch's end (not one just before it).
       near_end = run.steps_per_epoch - progress.window < run.log_every // 2
@@ -328,6 +329,9 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
                                   None if primary else open(os.devnull, "w", encoding="utf-8"))
   reporter.level = config.level
   run = Run(config, data_lib.corpus_for(config, data_dir))
+  reporter.steps_per_epoch = run.steps_per_epoch  # each record's fractional epoch
+  if config.tensorboard:
+    reporter.open_tensorboard()
   ckpt = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints) if workdir else None
   try:
     state, progress = start_or_resume(run, ckpt, reporter, restart)
@@ -352,8 +356,9 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
   finally:
     if ckpt:
       ckpt.close()
-  minutes, name = reporter.minutes(), reporter.headline_name()
-  reporter.say(f"summary: valid {name} {valid_ppl:.2f}  test {name} {test_ppl:.2f}  wall time"
-               f" {minutes:.1f} min  train {config.level}s/s {progress.words_per_sec():.0f}")
+    reporter.close_tensorboard()
+  minutes = reporter.minutes()
+  reporter.summary(valid_ppl, test_ppl, f"wall time {minutes:.1f} min  train {config.level}s/s"
+                   f" {progress.words_per_sec():.0f}")
   return {"valid": valid_ppl, "test": test_ppl, "minutes": minutes,
           "words_per_sec": progress.words_per_sec(), "state": training.state}

@@ -21,7 +21,8 @@ _DEFAULTS = config_lib.Config()
 flags.DEFINE_string("preset", None, "A preset of experiments/ by name (one of"
                     f" {', '.join(config_lib.preset_names())}): the same as"
                     " --flagfile=experiments/NAME.flags, from any folder and from an installed"
-                    " package; flags after it override it.")
+                    " package. It is the base: every other flag on the command line overrides it,"
+                    " before or after it.")
 flags.DEFINE_enum("mode", _DEFAULTS.mode, config_lib.MODES, "What to do.")
 flags.DEFINE_enum("level", _DEFAULTS.level, config_lib.LEVELS, "Tokens: words or characters.")
 flags.DEFINE_string("data_dir", None, "Folder with ptb.{train,valid,test}.txt. Default:"
@@ -74,12 +75,16 @@ flags.DEFINE_integer("steps_per_call", _DEFAULTS.steps_per_call, "Train steps pe
                      " run as a lax.scan over that many windows (speed only: fewer dispatches"
                      " and buffers reused in place; the result does not depend on it).",
                      lower_bound=1)
+flags.DEFINE_bool("tensorboard", _DEFAULTS.tensorboard, "Also write the metrics as TensorBoard"
+                  " event files in WORKDIR/tensorboard (needs tensorboardX: pip install"
+                  " tensorboardX); metrics.jsonl is written either way.")
 flags.DEFINE_bool("restart", False, "Discard the checkpoints in --workdir and start over.")
 flags.DEFINE_integer("checkpoint_step", None, "--mode=evaluate: this checkpoint, not the best.")
 flags.DEFINE_list("ensemble_sizes", [], "--mode=evaluate: also report the average of the first k"
                   " members, for each k listed (e.g. 2,5 for a --members=10 run).")
-flags.DEFINE_float("temperature", 0.0, "query/sample: softmax temperature; 0 picks the most"
-                   " likely token.", lower_bound=0.0)
+flags.DEFINE_float("temperature", None, "query/sample: softmax temperature; 0 picks the most"
+                   " likely token. Default: 1.0 for sample (the model's own distribution, as"
+                   " api.sample), 0 for query (greedy, as api.query_sentences).", lower_bound=0.0)
 flags.DEFINE_integer("top_k", 0, "query/sample: draw only from the k most likely tokens (0: all).",
                      lower_bound=0)
 flags.DEFINE_integer("max_query_len", 100, "query: most words predicted per line.", lower_bound=1)
@@ -136,38 +141,45 @@ def config_from_flags() -> config_lib.Config:
 
 
 def expand_presets(argv: list[str]) -> list[str]:
-  """argv with each `--preset=NAME` (or `--preset NAME`) followed by the preset's flags, in place.
+  """argv with each `--preset=NAME` (or `--preset NAME`) replaced by the preset's flags, put first.
 
-  The flags land where --preset stood, as --flagfile's would, so flags after it override it.
-  Raises ValueError for an unknown name.
+  A preset is the base of a run: every other flag on the command line overrides it, whether it
+  stands before or after --preset (`--hidden_size=64 --preset=small` trains 64 units). Several
+  presets keep their order, the later winning. The flags land at the front, so absl's "later flags
+  win" gives the command line's own flags (and their --flagfile's) the last word. The result keeps
+  one `--preset=NAME` (the last), so FLAGS.preset says which. Raises ValueError for an unknown name.
   """
-  out = [argv[0]]
+  presets, out = [], []
   rest = iter(argv[1:])
   for arg in rest:
     if arg == "--":  # everything after it is a positional argument
       out.append(arg)
       out.extend(rest)
       break
-    name = None
     if arg.startswith("--preset="):
-      name = arg[len("--preset="):]
+      presets.append(arg[len("--preset="):])
     elif arg == "--preset":
-      name = next(rest, "")
-      arg = f"--preset={name}"
-    out.append(arg)
-    if name is not None:
-      out.extend(config_lib.preset_flags(name))
-  return out
+      presets.append(next(rest, ""))
+    else:
+      out.append(arg)
+  expanded = [flag for name in presets for flag in config_lib.preset_flags(name)]
+  return [argv[0], *expanded, *([f"--preset={presets[-1]}"] if presets else []), *out]
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """app.run's flag parser: expands --preset, then absl's parse. A bad flag or preset is one line
   on stderr and exit status 1 (absl adds a second line pointing at --helpshort)."""
   try:
-    return FLAGS(expand_presets(argv))
+    expanded = expand_presets(argv)
+    rest = FLAGS(expanded)
   except (ValueError, flags.Error) as e:
     sys.stderr.write(f"error: {e}\n")
     sys.exit(1)
+  if FLAGS.preset is not None and f"--preset={FLAGS.preset}" not in expanded:  # from a --flagfile
+    sys.stderr.write(f"error: --preset={FLAGS.preset} inside a --flagfile is not read; give it on"
+                     f" the command line, or nest --flagfile=experiments/{FLAGS.preset}.flags\n")
+    sys.exit(1)
+  return rest
 
 
 class StopOnSignal:
@@ -201,6 +213,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   if config.mode != "train" and not FLAGS.workdir:
     raise app.UsageError(f"--mode={config.mode} needs --workdir, the folder of a training run")
+  if config.tensorboard and not FLAGS.workdir:
+    raise app.UsageError("--tensorboard writes into --workdir; give one")
+  if config.tensorboard:
+    try:
+      import tensorboardX  # pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+      raise app.UsageError("--tensorboard needs tensorboardX: pip install tensorboardX (it is in"
+                           " requirements-dev.txt)") from None
   # Imported here so that --help and flag errors don't wait for jax.
   from zaremba_jax import checkpoint as checkpoint_lib
   from zaremba_jax import data as data_lib
@@ -274,15 +294,17 @@ def generate(mode: str) -> int:
     if trained.config.level != "word":
       raise app.UsageError("--mode=query completes sentences with a word-level model; this"
                            f" checkpoint is {trained.config.level}-level (try --mode=serve)")
-    return sample.run_query(trained, sys.stdin, sys.stdout, sys.stderr, FLAGS.temperature,
-                            FLAGS.top_k, FLAGS.seed, FLAGS.max_query_len)
+    return sample.run_query(trained, sys.stdin, sys.stdout, sys.stderr,
+                            sample.QUERY_TEMPERATURE if FLAGS.temperature is None
+                            else FLAGS.temperature, FLAGS.top_k, FLAGS.seed, FLAGS.max_query_len)
   if mode == "serve":
     if trained.config.level != "char":
       raise app.UsageError("--mode=serve speaks the course's next-character protocol; this"
                            " checkpoint is word-level (try --mode=query or --mode=sample)")
     return sample.run_serve(trained, sys.stdin, sys.stdout, sys.stderr)
-  return sample.run_sample(trained, FLAGS.prime, FLAGS.sample_len, FLAGS.temperature,
-                           FLAGS.top_k, FLAGS.seed)
+  return sample.run_sample(trained, FLAGS.prime, FLAGS.sample_len,
+                           sample.SAMPLE_TEMPERATURE if FLAGS.temperature is None
+                           else FLAGS.temperature, FLAGS.top_k, FLAGS.seed)
 
 
 def main_one_line_errors(argv):

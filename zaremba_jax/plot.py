@@ -72,14 +72,19 @@ def recognise(saved_config: dict | None) -> str | None:
 
 
 def steps_per_epoch(records: list[dict], config: dict | None = None) -> float:
-  """Train steps in one epoch, read from the train records' step and epoch.
+  """Train steps in one epoch: as the records say (`steps_per_epoch`, written by every run since
+  2026-12-03), else read from older records' step and epoch.
 
-  A run's global step is (epoch - 1) x steps_per_epoch + the window in the epoch, and an epoch's
-  last progress line comes at its last window. So an epoch followed by another (or ended by its
-  validation at the same step, short of a --max_train_steps cap) gives the number exactly. A run
-  stopped inside its first epoch never saw an epoch end: the number is estimated from the spacing of
-  its progress lines (steps_per_epoch // log_per_epoch steps apart), good to log_per_epoch steps.
+  For older records: a run's global step is (epoch - 1) x steps_per_epoch + the window in the
+  epoch, and an epoch's last progress line comes at its last window. So an epoch followed by
+  another (or ended by its validation at the same step, short of a --max_train_steps cap) gives the
+  number exactly. A run stopped inside its first epoch never saw an epoch end: the number is
+  estimated from the spacing of its progress lines (steps_per_epoch // log_per_epoch steps apart),
+  good to log_per_epoch steps; with one line it cannot be told (the step itself is used).
   """
+  recorded = [r["steps_per_epoch"] for r in records if r.get("steps_per_epoch")]
+  if recorded:
+    return recorded[-1]
   train = [r for r in records if r["split"] == "train"]
   if not train:
     raise PlotError("no train records in metrics.jsonl: the run has not logged a progress line yet")
@@ -133,14 +138,21 @@ def read_curves(workdir: str, name: str, preset: str | None = None) -> Curves:
       valid.setdefault(r["step"], r)
   valid = [valid[step] for step in sorted(valid)]
   members = [r[f"member_{key}"] for r in valid if f"member_{key}" in r]
-  member_valid_y = [list(ys) for ys in zip(*members)] if len(members) == len(valid) else []
+  member_valid_y = ([[number(y) for y in ys] for ys in zip(*members)]
+                    if len(members) == len(valid) else [])
+  epoch_of = lambda r: r.get("fractional_epoch", r["step"] / per_epoch)
   return Curves(
       name=name, level=level,
-      train_x=[r["step"] / per_epoch for r in train], train_y=[r[key] for r in train],
-      learning_rate=[r["learning_rate"] for r in train],
-      valid_x=[r["step"] / per_epoch for r in valid], valid_y=[r[key] for r in valid],
+      train_x=[epoch_of(r) for r in train], train_y=[number(r.get(key)) for r in train],
+      learning_rate=[number(r.get("learning_rate")) for r in train],
+      valid_x=[epoch_of(r) for r in valid], valid_y=[number(r.get(key)) for r in valid],
       member_valid_y=member_valid_y,
       preset=preset if preset is not None else recognise(config))
+
+
+def number(value) -> float:
+  """A record's number; null (a value that was not finite: a diverged run) or absent as NaN."""
+  return math.nan if value is None else value
 
 
 def run_names(workdirs: list[str]) -> list[str]:
@@ -179,7 +191,8 @@ def plot(workdirs: list[str], out: str | None = None, preset: str | None = None,
   lr_ax = ax.twinx()
   colors = [f"C{i % 10}" for i in range(len(runs))]
   for run, color in zip(runs, colors):
-    ax.plot(run.train_x, run.train_y, color=color, linewidth=1, alpha=0.7, label=f"{run.name} train")
+    ax.plot(run.train_x, run.train_y, color=color, linewidth=1, alpha=0.7, label=f"{run.name} train",
+            marker="o" if len(run.train_x) == 1 else None, markersize=3)  # one point: no line
     ax.plot(run.valid_x, run.valid_y, color=color, linewidth=2, marker="o", markersize=3,
             label=f"{run.name} valid")
     if members:

@@ -54,6 +54,13 @@ def _feed(params, tokens_1xT, carry, *, model):
   return members_lib.mean_logprobs(logprobs_KxV), carry
 
 
+# The default temperatures, one place for the command line and the API: sampling draws from the
+# model's own distribution (softmax at temperature 1), a query completes greedily (the course's
+# query protocol: the most likely word each time).
+SAMPLE_TEMPERATURE = 1.0
+QUERY_TEMPERATURE = 0.0
+
+
 def choose(logprobs_V, temperature: float, top_k: int, rng: np.random.Generator) -> int:
   """argmax for temperature 0; otherwise a draw from softmax(logprobs / T) over the top k."""
   logprobs = np.asarray(logprobs_V, np.float64)
@@ -83,7 +90,7 @@ def generate(predictor: Predictor, prompt_ids, n: int, temperature: float = 0.0,
   return out
 
 
-def query_sentences(trained, queries, temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+def query_sentences(trained, queries, temperature: float = QUERY_TEMPERATURE, top_k: int = 0, seed: int = 0,
                     max_query_len: int = 100, warn=lambda message: None):
   """Completes each query "N word1 word2 ..." with N predicted words.
 
