@@ -135,8 +135,11 @@ class LostPeerTest(TwoProcessTestCase):
     deadline = time.time() + scale_test.TIMEOUT
     while not all(os.path.isdir(os.path.join(self.workdir, kind, str(per_epoch)))
                   for kind in ("checkpoints", "best")):
-      self.assertLess(time.time(), deadline, f"the epoch's checkpoint {per_epoch} did not complete:"
-                      f" {os.listdir(os.path.join(self.workdir, 'best'))}")
+      if time.time() > deadline:
+        folders = {kind: os.listdir(os.path.join(self.workdir, kind))
+                   for kind in ("checkpoints", "best")
+                   if os.path.isdir(os.path.join(self.workdir, kind))}
+        self.fail(f"the epoch's checkpoint {per_epoch} did not complete in both: {folders}")
       time.sleep(0.1)
     when = self.fault(self.procs[victim], signal.SIGKILL)
     codes = self.finish(when)
@@ -203,6 +206,43 @@ class PreemptionTest(TwoProcessTestCase):
     straight = scale_test.final(self.workdir)
     self.assertEqual(resumed["perplexity"], straight["perplexity"])
     self.assertEqual(resumed["member_perplexity"], straight["member_perplexity"])
+
+
+class AbortPathTest(TwoProcessTestCase):
+  """A peer lost while the survivor runs no collective: JAX itself ends the survivor (a fatal
+  log and abort()), and our SIGABRT handler must still say it in two lines, exit 3."""
+
+  CHILD = """
+import functools, sys, time
+from zaremba_jax import hosts, mesh
+address, pid, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+hosts.start(address, 2, pid, workdir=workdir, init_timeout=60, peer_timeout=3,
+            initialize=functools.partial(mesh.initialize_distributed, address, 2, pid))
+print("joined", flush=True)
+time.sleep(120)
+"""
+
+  def start_idle(self):
+    address = f"127.0.0.1:{scale_test.free_port()}"
+    os.makedirs(os.path.join(self.workdir, "checkpoints", "20"), exist_ok=True)  # saved before
+    self.procs = [Process(self.root, pid, [sys.executable, "-c", self.CHILD, address, str(pid),
+                                           self.workdir], scale_test.env_for(2))
+                  for pid in range(2)]
+    for p in self.procs:
+      self.wait_for(p, "joined", timeout=120)
+
+  def test_idle_survivors_of_either_process(self):
+    for victim in (0, 1):
+      with self.subTest(victim=victim):
+        self.start_idle()
+        when = self.fault(self.procs[victim], signal.SIGKILL)
+        codes = self.finish(when, deadline=60)
+        survivor = self.procs[1 - victim]
+        self.assertEqual(codes[1 - victim], hosts.EXIT_PEER_LOST, survivor.output())
+        text = "\n".join(self.assertFewPlainLines(survivor))
+        named = "process 0 (the coordinator)" if victim == 0 else "process 1"
+        self.assertIn(f"error: {named} stopped answering", text)
+        self.assertIn(f"the newest checkpoint on disk is step 20 in {self.workdir}", text)
 
 
 class StartTest(TwoProcessTestCase):
