@@ -118,7 +118,7 @@ def _never_joined_line() -> str:
   elif missing:
     who = "process id" + ("s " if len(missing) > 1 else " ") + ", ".join(map(str, missing))
   else:
-    who = "none missing by their sign-in files, but the coordinator did not answer them"
+    who = "unknown (every process signed in: are their --coordinator_address the same?)"
   return (f"error: not all {_state.num_processes} processes joined at {_state.address} within"
           f" --init_timeout={timeout} s; never joined: {who}. Start every process with the"
           f" same --coordinator_address and --num_processes, or raise --init_timeout")
@@ -143,7 +143,7 @@ def start(coordinator_address: str | None, num_processes: int | None, process_id
           *, workdir: str | None, init_timeout: int, peer_timeout: int, initialize) -> bool:
   """Joins this process to a multi-process run (nothing without `coordinator_address`).
 
-  `initialize(initialization_timeout=..., heartbeat_timeout_seconds=..., shutdown_timeout_seconds=...)`
+  `initialize(initialization_timeout=, heartbeat_timeout_seconds=, shutdown_timeout_seconds=)`
   starts jax.distributed (mesh.initialize_distributed). Before it: the native log redirection,
   the abort handler, this process's sign-in file; process 0 prints the waiting line. A wait past
   `init_timeout` seconds ends with one line and exit status 1.
@@ -188,7 +188,9 @@ def newest_checkpoint(workdir: str | None) -> int | None:
   if not workdir:
     return None
   folder = os.path.join(os.path.abspath(workdir), "checkpoints")
-  steps = [int(name) for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(folder) else []
+  if not os.path.isdir(folder):
+    return None
+  steps = [int(name) for name in os.listdir(folder) if name.isdigit()]
   return max(steps) if steps else None
 
 
@@ -226,7 +228,8 @@ def _lost_lines(text: str) -> list[str]:
   step = newest_checkpoint(_state.workdir)
   where = (f"the newest checkpoint on disk is step {step} in {_state.workdir}" if step is not None
            else "no checkpoint on disk yet")
-  return [f"error: {_who_stopped(text)}; this process stops too (JAX's messages: {_state.log_path})",
+  return [f"error: {_who_stopped(text)}; this process stops too (JAX's messages:"
+          f" {_state.log_path})",
           f"{where}; run the same commands on every process again to resume"]
 
 
