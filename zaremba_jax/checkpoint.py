@@ -100,9 +100,13 @@ class Checkpointer:
 
   def _manager(self, kind: str) -> ocp.CheckpointManager:
     if kind not in self._managers:
+      # The two managers save the same step at an epoch's end: in a multi-process run Orbax's
+      # barriers are named by step ("_async_write_complete.90"), so each manager gets its own
+      # prefix, or the second save's barrier fails as "already ongoing" and the run hangs.
       options = ocp.CheckpointManagerOptions(
           max_to_keep=self.keep if kind == LATEST else 1, enable_async_checkpointing=True,
-          cleanup_tmp_directories=True, create=True)
+          cleanup_tmp_directories=True, create=True,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=kind))
       self._managers[kind] = ocp.CheckpointManager(os.path.join(self.workdir, kind),
                                                    options=options)
     return self._managers[kind]

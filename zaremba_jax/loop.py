@@ -15,6 +15,7 @@ import numpy as np
 from zaremba_jax import checkpoint as checkpoint_lib
 from zaremba_jax import data as data_lib
 from zaremba_jax import evaluation
+from zaremba_jax import hosts
 from zaremba_jax import members as members_lib
 from zaremba_jax import mesh as mesh_lib
 from zaremba_jax import model as model_lib
@@ -284,10 +285,16 @@ class Training:
   def stopped(self, reason: str) -> None:
     if self.ckpt:
       self.ckpt.wait()
-      self.reporter.say(f"{reason}: saved step {self.step} in {self.ckpt.name}; run the same command"
-                        f" again to resume")
+      line = (f"{reason}: saved step {self.step} in {self.ckpt.name}; run the same command again"
+              f" to resume")
+      if hosts.active():
+        line = (f"{reason}: every process saved step {self.step} in {self.ckpt.name} together;"
+                f" run the same commands again to resume")
     else:
-      self.reporter.say(f"{reason}: stopped at step {self.step} (no --workdir, nothing saved)")
+      line = f"{reason}: stopped at step {self.step} (no --workdir, nothing saved)"
+    self.reporter.say(line)
+    if hosts.active() and not mesh_lib.is_primary():  # process 0's reporter prints for it
+      print(line, flush=True)
 
   def final_evaluation(self) -> tuple[float, float]:
     """(valid, test) perplexities of the final state; the test pass is the paper's batch 1."""
@@ -328,7 +335,9 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
     reporter = reporting.Reporter(workdir if primary else None,
                                   None if primary else open(os.devnull, "w", encoding="utf-8"))
   reporter.level = config.level
-  run = Run(config, data_lib.corpus_for(config, data_dir))
+  corpus = data_lib.corpus_for(config, data_dir)
+  hosts.check_same_run(config, corpus, restart=restart)  # several processes: all alike, or none
+  run = Run(config, corpus)
   reporter.steps_per_epoch = run.steps_per_epoch  # each record's fractional epoch
   if config.tensorboard:
     reporter.open_tensorboard()
@@ -353,6 +362,9 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
     if training.capped():
       reporter.say(f"stopping after --max_train_steps={config.max_train_steps}")
     valid_ppl, test_ppl = training.final_evaluation()
+  except Exception as e:
+    hosts.leave_if_peer_lost(e)  # a peer gone: a few lines and exit, before the cleanup waits on it
+    raise
   finally:
     if ckpt:
       ckpt.close()

@@ -5,6 +5,7 @@
 """
 
 import dataclasses
+import functools
 import itertools
 import signal
 import sys
@@ -65,6 +66,9 @@ flags.DEFINE_string("coordinator_address", None, "Several processes (hosts): hos
 flags.DEFINE_integer("num_processes", None, "Several processes: how many.", lower_bound=1)
 flags.DEFINE_integer("process_id", None, "Several processes: this one's index, from 0.",
                      lower_bound=0)
+flags.DEFINE_integer("init_timeout", 300, "Several processes: seconds to wait at the start for"
+                     " every process to join before giving up (naming those that never did).",
+                     lower_bound=1)
 flags.DEFINE_integer("peer_timeout", 100, "Several processes: seconds without a word from a peer"
                      " (killed, or its host gone) before the others stop too.", lower_bound=1)
 flags.DEFINE_integer("checkpoint_every_steps", _DEFAULTS.checkpoint_every_steps,
@@ -183,22 +187,37 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 class StopOnSignal:
-  """SIGTERM and SIGINT ask the run to checkpoint and stop; a second one stops at once."""
+  """SIGTERM and SIGINT ask the run to checkpoint and stop; a second one stops at once.
 
-  def __init__(self):
+  With several processes (`preemption`, a hosts.Preemption), a signal on any one of them stops
+  them all at the same step: this process's signal becomes JAX's preemption notice, and every
+  process stops where JAX's preemption sync point says.
+  """
+
+  def __init__(self, preemption=None):
     self.reason = None
+    self.preemption = preemption
     for signum in (signal.SIGTERM, signal.SIGINT):
       signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame):
     del frame
     if self.reason:
+      if self.preemption:
+        from zaremba_jax import hosts
+        hosts.leave_now(self.reason)
       raise KeyboardInterrupt
     self.reason = signal.Signals(signum).name
 
   def __call__(self, step):
-    del step  # a signal can come at any step
-    return self.reason
+    if self.preemption is None:
+      return self.reason  # a signal can come at any step
+    reached = self.preemption.reached(step)
+    if self.reason:
+      self.preemption.notice()
+    if reached:
+      return self.reason or "preempted (a signal on another process)"
+    return None
 
 
 def main(argv):
@@ -227,14 +246,22 @@ def main(argv):
   from zaremba_jax import evaluation
   from zaremba_jax import loop
   from zaremba_jax import mesh as mesh_lib
-  # Before any other jax call: joins the processes of a multi-host run.
-  mesh_lib.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
-                                  FLAGS.process_id, heartbeat_timeout_seconds=FLAGS.peer_timeout,
-                                  shutdown_timeout_seconds=FLAGS.peer_timeout)
+  from zaremba_jax import hosts
+  # Before any other jax call: joins the processes of a multi-host run (hosts.py).
+  try:
+    several = hosts.start(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                          workdir=FLAGS.workdir, init_timeout=FLAGS.init_timeout,
+                          peer_timeout=FLAGS.peer_timeout,
+                          initialize=functools.partial(mesh_lib.initialize_distributed,
+                                                       FLAGS.coordinator_address,
+                                                       FLAGS.num_processes, FLAGS.process_id))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   try:
     if config.mode == "train":
+      stop = StopOnSignal(hosts.Preemption() if several else None)
       loop.train_and_evaluate(config, FLAGS.data_dir, FLAGS.workdir, restart=FLAGS.restart,
-                              stop_requested=StopOnSignal())
+                              stop_requested=stop)
     elif config.mode == "evaluate" and (FLAGS.cache_window or FLAGS.dynamic_lr):
       caches, dynamics = test_time_settings()
       evaluation.evaluate_test_time(FLAGS.workdir, FLAGS.data_dir, caches, dynamics,
@@ -247,7 +274,7 @@ def main(argv):
     else:
       return generate(config.mode)
   except (data_lib.DataError, checkpoint_lib.CheckpointError, checkpoint_lib.ResumeError,
-          mesh_lib.MeshError) as e:
+          mesh_lib.MeshError, hosts.MismatchError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
