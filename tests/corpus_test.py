@@ -1,0 +1,208 @@
+"""--corpus: folders and single files at word and char level, the vocabulary, WikiText-2's download,
+and the one-line errors for bad input."""
+
+import hashlib
+import io
+import os
+import zipfile
+
+import numpy as np
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from zaremba_jax import config as config_lib
+from zaremba_jax import data as data_lib
+from tests import helpers
+
+
+def write(path: str, text: str, encoding: str = "utf-8") -> str:
+  with open(path, "w", encoding=encoding, newline="") as f:
+    f.write(text)
+  return path
+
+
+class TextCorpusTest(parameterized.TestCase):
+
+  def test_folder_words_by_hand(self):
+    folder = self.create_tempdir().full_path
+    write(os.path.join(folder, "train.txt"), "a b a\nc a\n")
+    write(os.path.join(folder, "valid.txt"), "a z\n")  # z: not in train -> <unk>
+    write(os.path.join(folder, "test.txt"), "b\n")
+    corpus = data_lib.load_text_corpus(folder, "word")
+    self.assertEqual(corpus.vocab, ("a", "b", "<eos>", "c", "<unk>"))
+    np.testing.assert_array_equal(corpus.train, [0, 1, 0, 2, 3, 0, 2])
+    np.testing.assert_array_equal(corpus.valid, [0, 4, 2])
+    np.testing.assert_array_equal(corpus.test, [1, 2])
+
+  @parameterized.named_parameters(("ptb_names", "ptb.{split}.txt"),
+                                  ("wikitext_names", "wiki.{split}.tokens"))
+  def test_other_layouts(self, layout):
+    folder = self.create_tempdir().full_path
+    for split in data_lib.SPLITS:
+      write(os.path.join(folder, layout.format(split=split)), f"x {split}\n")
+    corpus = data_lib.load_text_corpus(folder, "word", min_count=1)
+    self.assertEqual(corpus.vocab[:3], ("x", "train", "<eos>"))
+    self.assertEqual(corpus.vocab[-1], "<unk>")  # valid and test words are unseen
+
+  def test_single_file_characters_as_they_are(self):
+    path = write(os.path.join(self.create_tempdir().full_path, "t.txt"),
+                 "ab ba\r\n" * 10)  # 60 characters and 10 line ends; \r\n read as one line end
+    corpus = data_lib.load_text_corpus(path, "char", split="0.8,0.1,0.1")
+    self.assertEqual(corpus.vocab, ("a", "b", " ", "<eos>"))
+    self.assertEqual((len(corpus.train), len(corpus.valid), len(corpus.test)), (48, 6, 6))
+    np.testing.assert_array_equal(corpus.train[:7], [0, 1, 2, 1, 0, 3, 0])
+    # The three splits are the stream's consecutive pieces.
+    whole = np.concatenate([corpus.train, corpus.valid, corpus.test])
+    np.testing.assert_array_equal(whole, np.tile([0, 1, 2, 1, 0, 3], 10))
+
+  def test_non_ascii_characters(self):
+    path = write(os.path.join(self.create_tempdir().full_path, "t.txt"), "né 日本\n" * 20)
+    corpus = data_lib.load_text_corpus(path, "char")
+    self.assertEqual(corpus.vocab, ("n", "é", " ", "日", "本", "<eos>"))
+
+  def test_max_vocab_and_min_count(self):
+    folder = self.create_tempdir().full_path
+    write(os.path.join(folder, "train.txt"), "c a b a b a d\n")  # a x3, b x2, c x1, d x1
+    write(os.path.join(folder, "valid.txt"), "a b c d\n")
+    write(os.path.join(folder, "test.txt"), "a\n")
+    # max_vocab=4: <eos>, then the most frequent a, b, and room kept for <unk>.
+    corpus = data_lib.load_text_corpus(folder, "word", max_vocab=4)
+    self.assertEqual(corpus.vocab, ("a", "b", "<eos>", "<unk>"))  # first-seen order kept
+    np.testing.assert_array_equal(corpus.valid, [0, 1, 3, 3, 2])
+    corpus = data_lib.load_text_corpus(folder, "word", min_count=2)
+    self.assertEqual(corpus.vocab, ("a", "b", "<eos>", "<unk>"))
+    corpus = data_lib.load_text_corpus(folder, "word")
+    self.assertEqual(corpus.vocab, ("c", "a", "b", "d", "<eos>"))  # nothing unknown: no <unk>
+
+  def test_ptb_through_corpus_is_the_default_corpus(self):
+    if not helpers.HAVE_PTB:
+      self.skipTest(helpers.NO_PTB_REASON)
+    default = data_lib.load_corpus(helpers.PTB_DIR, "word")
+    given = data_lib.corpus_for(config_lib.Config(corpus=helpers.PTB_DIR))
+    self.assertEqual(given.vocab, default.vocab)
+    for split in data_lib.SPLITS:
+      np.testing.assert_array_equal(given.split(split), default.split(split))
+
+  def test_char_style_follows_the_corpus(self):
+    self.assertEqual(data_lib.char_style(config_lib.Config(level="char")), "ptb")
+    self.assertEqual(data_lib.char_style(config_lib.Config(level="char", corpus="/x")), "text")
+    self.assertEqual(data_lib.tokenize("a b\n", "char", "ptb"), ["a", "_", "b", "<eos>"])
+    self.assertEqual(data_lib.tokenize("a b\n", "char", "text"), ["a", " ", "b", "<eos>"])
+
+
+class BadInputTest(parameterized.TestCase):
+  """Each bad input is a DataError whose one line names the problem and what to do."""
+
+  def test_missing_split(self):
+    folder = self.create_tempdir().full_path
+    write(os.path.join(folder, "train.txt"), "a\n")
+    write(os.path.join(folder, "test.txt"), "a\n")
+    with self.assertRaisesRegex(data_lib.DataError, r"has train.txt but no valid.txt; add the"
+                                                    r" missing split, or give one file"):
+      data_lib.load_text_corpus(folder)
+
+  def test_folder_without_training_file(self):
+    with self.assertRaisesRegex(data_lib.DataError, "has no training file .*train.txt, ptb.train"):
+      data_lib.load_text_corpus(self.create_tempdir().full_path)
+
+  def test_missing_path(self):
+    with self.assertRaisesRegex(data_lib.DataError, "is neither a folder nor a file"):
+      data_lib.load_text_corpus("/nonexistent/corpus.txt")
+
+  def test_empty_file(self):
+    path = write(os.path.join(self.create_tempdir().full_path, "t.txt"), " \n\n")
+    with self.assertRaisesRegex(data_lib.DataError, "t.txt is empty; give a file with text"):
+      data_lib.load_text_corpus(path)
+
+  def test_not_utf8(self):
+    path = write(os.path.join(self.create_tempdir().full_path, "t.txt"), "caf\xe9\n", "latin-1")
+    with self.assertRaisesRegex(data_lib.DataError, r"not UTF-8 text \(byte 0xe9 at offset 3\);"
+                                                    r" convert it"):
+      data_lib.load_text_corpus(path, "char")
+
+  def test_char_vocabulary_over_max_vocab(self):
+    path = write(os.path.join(self.create_tempdir().full_path, "t.txt"), "abcdef\n" * 10)
+    with self.assertRaisesRegex(data_lib.DataError, "7 distinct characters .* more than"
+                                                    " --max_vocab=5; raise --max_vocab"):
+      data_lib.load_text_corpus(path, "char", max_vocab=5)
+    self.assertLen(data_lib.load_text_corpus(path, "char", max_vocab=7).vocab, 7)
+
+  def test_file_too_short_for_the_split(self):
+    path = write(os.path.join(self.create_tempdir().full_path, "t.txt"), "a b c\n")
+    with self.assertRaisesRegex(data_lib.DataError, "too few for --split=0.9,0.05,0.05"):
+      data_lib.load_text_corpus(path)
+
+  @parameterized.parameters("0.9,0.1", "1,1,1", "a,b,c", "0.9,0,0.1")
+  def test_bad_split(self, split):
+    path = write(os.path.join(self.create_tempdir().full_path, "t.txt"), "a b c\n" * 100)
+    with self.assertRaisesRegex(data_lib.DataError, "must be three positive fractions"):
+      data_lib.load_text_corpus(path, split=split)
+
+  def test_corpus_too_short_for_one_window(self):
+    from zaremba_jax import loop  # pylint: disable=import-outside-toplevel
+    path = write(os.path.join(self.create_tempdir().full_path, "t.txt"), "abcd\n" * 40)
+    config = helpers.tiny_config(level="char", corpus=path, batch_size=4, num_steps=50)
+    corpus = data_lib.corpus_for(config)  # 0.9 of 200 tokens train; one window needs 4 x 51
+    with self.assertRaisesRegex(data_lib.DataError, "has 180 tokens, too few for one window of"
+                                                    r" --batch_size=4 x --num_steps=50 \(needs 204\)"):
+      loop.Run(config, corpus)
+
+
+def fake_zip(folder: str, files: str, texts: dict) -> bytes:
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, "w") as archive:
+    for split, text in texts.items():
+      archive.writestr(f"{folder}/{files.format(split=split)}", text)
+  return buffer.getvalue()
+
+
+class WikiTextTest(absltest.TestCase):
+  """The download path with a fake fetch (the tests never reach the network)."""
+
+  def setUp(self):
+    super().setUp()
+    self.texts = {"train": " = A = \n the cat <unk> \n", "valid": " the cat \n",
+                  "test": " cat the \n"}
+    self.payload = fake_zip("wikitext-2", "wiki.{split}.tokens", self.texts)
+    self.spec = dict(data_lib.WIKITEXT["wikitext-2"])
+    self.enter_context(absltest.mock.patch.dict(
+        data_lib.WIKITEXT, {"wikitext-2": {**self.spec,
+                                           "sha256": hashlib.sha256(self.payload).hexdigest()}}))
+    self.cache = self.create_tempdir().full_path
+    self.urls = []
+
+  def fetch(self, url):
+    self.urls.append(url)
+    return self.payload
+
+  def test_downloads_verifies_extracts_once(self):
+    folder = data_lib.resolve_wikitext("wikitext-2", self.cache, fetch=self.fetch)
+    self.assertEqual(self.urls, ["https://s3.amazonaws.com/research.metamind.io/wikitext/"
+                                 "wikitext-2-v1.zip"])
+    with open(os.path.join(folder, "wiki.valid.tokens"), encoding="utf-8") as f:
+      self.assertEqual(f.read(), self.texts["valid"])
+    data_lib.resolve_wikitext("wikitext-2", self.cache, fetch=self.fetch)
+    self.assertLen(self.urls, 1)  # cached: not fetched again
+    corpus = data_lib.load_text_corpus(folder, "word")
+    self.assertEqual(corpus.vocab, ("=", "A", "<eos>", "the", "cat", "<unk>"))
+
+  def test_mirror_after_a_failure_and_bad_digest_caches_nothing(self):
+    def flaky(url):
+      self.urls.append(url)
+      if "s3.amazonaws" in url:
+        raise OSError("unreachable")
+      return b"not the zip"
+    with self.assertRaisesRegex(data_lib.DataError, r"could not download wikitext-2 .*unreachable;"
+                                                    r" .*wikitext.smerity.com.*sha256 .*nothing"
+                                                    r" was cached"):
+      data_lib.resolve_wikitext("wikitext-2", self.cache, fetch=flaky)
+    self.assertLen(self.urls, 2)
+    self.assertFalse(os.path.exists(os.path.join(self.cache, "wikitext-2")))
+
+  def test_preset(self):
+    config = config_lib.preset("wt2_medium")
+    self.assertEqual((config.corpus, config.hidden_size, config.level), ("wikitext-2", 650, "word"))
+
+
+if __name__ == "__main__":
+  absltest.main()
