@@ -4,6 +4,8 @@ and the one-line errors for bad input."""
 import hashlib
 import io
 import os
+import tempfile
+import types
 import zipfile
 
 import numpy as np
@@ -12,6 +14,7 @@ from absl.testing import parameterized
 
 from zaremba_jax import config as config_lib
 from zaremba_jax import data as data_lib
+from zaremba_jax import sample as sample_lib
 from tests import helpers
 
 
@@ -90,6 +93,21 @@ class TextCorpusTest(parameterized.TestCase):
     self.assertEqual(data_lib.tokenize("a b\n", "char", "text"), ["a", " ", "b", "<eos>"])
 
 
+class CharTextSampleTest(absltest.TestCase):
+  """Generation reads and writes a --corpus's characters as they are; PTB's keep "_" for a space."""
+
+  def test_prime_and_render(self):
+    vocab = ("a", " ", "_", "<eos>")
+    text = types.SimpleNamespace(vocab=vocab, config=config_lib.Config(level="char", corpus="/x"))
+    ids = sample_lib.prime_ids(text, "a _\na", warn=self.fail)
+    self.assertEqual(ids, [0, 1, 2, 3, 0])
+    self.assertEqual(sample_lib.render(text, ids), "a _\na")
+    ptb = types.SimpleNamespace(vocab=vocab, config=config_lib.Config(level="char"))
+    ids = sample_lib.prime_ids(ptb, "a  a", warn=self.fail)
+    self.assertEqual(ids, [0, 2, 0])
+    self.assertEqual(sample_lib.render(ptb, ids), "a a")
+
+
 class BadInputTest(parameterized.TestCase):
   """Each bad input is a DataError whose one line names the problem and what to do."""
 
@@ -146,6 +164,83 @@ class BadInputTest(parameterized.TestCase):
     with self.assertRaisesRegex(data_lib.DataError, "has 180 tokens, too few for one window of"
                                                     r" --batch_size=4 x --num_steps=50 \(needs 204\)"):
       loop.Run(config, corpus)
+
+
+class CommandLineErrorTest(parameterized.TestCase):
+  """Each bad input through the command line: status 1, one line, the saved run untouched."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    from tests import main_test  # pylint: disable=import-outside-toplevel
+    root = tempfile.mkdtemp()
+    cls.run_dir = os.path.join(root, "run")
+    text = os.path.join(root, "text.txt")
+    write(text, "abc ab\n" * 300)
+    # A run to resume: one char model stopped after its first step (and saved).
+    from zaremba_jax import loop, reporting  # pylint: disable=import-outside-toplevel
+    config = helpers.tiny_config(level="char", corpus=text, num_layers=1, hidden_size=8,
+                                 steps_per_call=1)
+    loop.train_and_evaluate(config, None, cls.run_dir,
+                            reporting.Reporter(cls.run_dir, io.StringIO()),
+                            stop_requested=lambda step: "stop")
+    cls.saved = sorted(os.listdir(os.path.join(cls.run_dir, "checkpoints")))
+    with open(os.path.join(cls.run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+      cls.metrics = f.read()
+    folder = os.path.join(root, "no_valid")
+    os.makedirs(folder)
+    write(os.path.join(folder, "train.txt"), "a b\n")
+    write(os.path.join(folder, "test.txt"), "a b\n")
+    files = {name: write(os.path.join(root, name), content, encoding) for name, content, encoding in (
+        ("empty.txt", "\n", "utf-8"), ("latin1.txt", "caf\xe9 " * 100, "latin-1"),
+        ("short.txt", "abc\n" * 30, "utf-8"), ("other_chars.txt", "xyzw xy\n" * 300, "utf-8"),
+        ("same_chars.txt", "abc ba\n" * 300, "utf-8"))}
+    char = ("--level=char", "--num_layers=1", "--hidden_size=8", "--batch_size=4",
+            "--num_steps=5")
+    train = ("--mode=train", f"--workdir={os.path.join(root, 'fresh')}")
+    resume = ("--mode=train", f"--workdir={cls.run_dir}", *char)
+    cases = {
+        "missing_split": (*train, f"--corpus={folder}"),
+        "empty_file": (*train, f"--corpus={files['empty.txt']}"),
+        "not_utf8": (*train, f"--corpus={files['latin1.txt']}", "--level=char"),
+        "char_vocab_over_max_vocab": (*train, f"--corpus={text}", "--level=char",
+                                      "--max_vocab=3"),
+        "too_short_for_a_window": (*train, f"--corpus={files['short.txt']}", *char[:3],
+                                   "--batch_size=20", "--num_steps=35"),
+        "resume_other_vocabulary": (*resume, f"--corpus={files['other_chars.txt']}"),
+        "resume_other_text": (*resume, f"--corpus={files['same_chars.txt']}"),
+        "score_not_utf8": ("--mode=score", f"--workdir={cls.run_dir}",
+                           f"--input={files['latin1.txt']}"),
+        "export_bad_extension": ("--mode=export", f"--workdir={cls.run_dir}",
+                                 f"--output={os.path.join(root, 'm.pt')}"),
+    }
+    running = {name: main_test.start(*args) for name, args in cases.items()}
+    cls.results = {name: main_test.finish(proc) for name, proc in running.items()}
+
+  @parameterized.named_parameters(
+      (case, case, message) for case, message in (
+          ("missing_split", r"has train.txt but no valid.txt; add the missing split"),
+          ("empty_file", r"empty.txt is empty; give a file with text in it"),
+          ("not_utf8", r"latin1.txt is not UTF-8 text \(byte 0xe9 at offset 3\); convert it"),
+          ("char_vocab_over_max_vocab", r"5 distinct characters \(with <eos>\), more than"
+                                        r" --max_vocab=3; raise --max_vocab"),
+          ("too_short_for_a_window", r"the training split has 108 tokens, too few for one window"
+                                     r" of --batch_size=20 x --num_steps=35 \(needs 720\)"),
+          ("resume_other_vocabulary", r"vocabulary \(6 tokens\) differs from the checkpoint's"
+                                      r" \(5\); pass the --corpus"),
+          ("resume_other_text", r"the training text \(1890 tokens\) is not the one the checkpoint"
+                                r" was trained on; pass the --corpus"),
+          ("score_not_utf8", r"latin1.txt is not UTF-8 text"),
+          ("export_bad_extension", r"must end in .safetensors \(PyTorch\) or .npz")))
+  def test_status_1_one_line_nothing_lost(self, case, message):
+    rc, _, stderr = self.results[case]
+    self.assertEqual(rc, 1, stderr)
+    lines = stderr.splitlines()
+    self.assertLen(lines, 1, f"stderr should be one line:\n{stderr[-1000:]}")
+    self.assertRegex(lines[0], "^error: " + message)
+    self.assertEqual(sorted(os.listdir(os.path.join(self.run_dir, "checkpoints"))), self.saved)
+    with open(os.path.join(self.run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+      self.assertEqual(f.read(), self.metrics)
 
 
 def fake_zip(folder: str, files: str, texts: dict) -> bytes:
