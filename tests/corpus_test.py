@@ -184,9 +184,8 @@ class CommandLineErrorTest(parameterized.TestCase):
     loop.train_and_evaluate(config, None, cls.run_dir,
                             reporting.Reporter(cls.run_dir, io.StringIO()),
                             stop_requested=lambda step: "stop")
-    cls.saved = sorted(os.listdir(os.path.join(cls.run_dir, "checkpoints")))
-    with open(os.path.join(cls.run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-      cls.metrics = f.read()
+    cls.saved = cls.saved_run()
+    assert cls.saved[0], "the run to resume saved no checkpoint"
     folder = os.path.join(root, "no_valid")
     os.makedirs(folder)
     write(os.path.join(folder, "train.txt"), "a b\n")
@@ -237,10 +236,20 @@ class CommandLineErrorTest(parameterized.TestCase):
     self.assertEqual(rc, 1, stderr)
     lines = stderr.splitlines()
     self.assertLen(lines, 1, f"stderr should be one line:\n{stderr[-1000:]}")
-    self.assertRegex(lines[0], "^error: " + message)
-    self.assertEqual(sorted(os.listdir(os.path.join(self.run_dir, "checkpoints"))), self.saved)
-    with open(os.path.join(self.run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-      self.assertEqual(f.read(), self.metrics)
+    self.assertRegex(lines[0], "^error: ")
+    self.assertRegex(lines[0], message)
+    self.assertEqual(self.saved_run(), self.saved)
+
+  @classmethod
+  def saved_run(cls):
+    """The run's checkpoints (steps) and the bytes of every file in them."""
+    folder = os.path.join(cls.run_dir, "checkpoints")
+    contents = {}
+    for dirpath, _, names in os.walk(folder):
+      for name in names:
+        with open(os.path.join(dirpath, name), "rb") as f:
+          contents[os.path.relpath(os.path.join(dirpath, name), folder)] = f.read()
+    return sorted(os.listdir(folder)), contents
 
 
 def fake_zip(folder: str, files: str, texts: dict) -> bytes:
