@@ -86,6 +86,14 @@ class TextCorpusTest(parameterized.TestCase):
     for split in data_lib.SPLITS:
       np.testing.assert_array_equal(given.split(split), default.split(split))
 
+  def test_resume_on_other_training_text_is_refused(self):
+    from zaremba_jax import checkpoint as checkpoint_lib  # pylint: disable=import-outside-toplevel
+    saved = {"train_sha256": data_lib.stream_digest(np.array([3, 1, 2]))}
+    checkpoint_lib.check_train_text(saved, data_lib.stream_digest(np.array([3, 1, 2])), 3)
+    with self.assertRaisesRegex(checkpoint_lib.ResumeError, r"training text \(3 tokens\) is not"):
+      checkpoint_lib.check_train_text(saved, data_lib.stream_digest(np.array([3, 2, 1])), 3)
+    checkpoint_lib.check_train_text({}, "anything", 3)  # saved before the digest: not checked
+
   def test_char_style_follows_the_corpus(self):
     self.assertEqual(data_lib.char_style(config_lib.Config(level="char")), "ptb")
     self.assertEqual(data_lib.char_style(config_lib.Config(level="char", corpus="/x")), "text")
