@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import os
+import tempfile
 
 import jax
 import numpy as np
@@ -54,7 +55,7 @@ def text_for(level: str, seed: int, lines: int) -> str:
 @functools.lru_cache(maxsize=None)
 def trained_run(level: str, members: int = 1) -> str:
   """A tiny model trained 40 steps on generated text, at `level`; its workdir."""
-  root = os.path.join(absltest.get_default_test_tmpdir(), f"score_{level}_{members}")
+  root = tempfile.mkdtemp(prefix=f"score_{level}_{members}_")  # fresh each session
   corpus = os.path.join(root, "corpus")
   os.makedirs(corpus, exist_ok=True)
   for split, n in (("train", 600), ("valid", 60), ("test", 60)):
