@@ -28,7 +28,8 @@ from zaremba_jax import main as main_lib
 from tests import helpers
 
 PRESETS = {"small", "medium", "large", "word200", "char_small", "char_large",
-           "small_tied_pr"}  # the last: the successors' regularizers (regularizers.py)
+           "small_tied_pr",  # the successors' regularizers (regularizers.py)
+           "wt2_medium"}  # another corpus (data.py, --corpus)
 
 
 class PresetTest(absltest.TestCase):

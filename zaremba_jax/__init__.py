@@ -9,7 +9,8 @@ From Python (zaremba_jax/api.py; README.md, "Python API"):
 
 `preset`, `load`, `evaluate`, `query_sentences`, `next_token_distribution` and `StopTraining` are
 also here (`zaremba_jax.load(...)`); `train` and `sample` are not, as those names are the package's
-modules `zaremba_jax.train` and `zaremba_jax.sample`: call `api.train` and `api.sample`.
+modules `zaremba_jax.train` and `zaremba_jax.sample`: call `api.train` and `api.sample` (and
+`api.score`, `api.export`, beside the modules `zaremba_jax.score` and `zaremba_jax.export`).
 """
 
 import importlib

@@ -19,10 +19,12 @@ from zaremba_jax import checkpoint as checkpoint_lib
 from zaremba_jax import config as config_lib
 from zaremba_jax import data as data_lib
 from zaremba_jax import evaluation
+from zaremba_jax import export as export_lib
 from zaremba_jax import loop
 from zaremba_jax import mesh as mesh_lib
 from zaremba_jax import reporting
 from zaremba_jax import sample as sample_lib
+from zaremba_jax import score as score_lib
 
 Config = config_lib.Config
 Trained = checkpoint_lib.Trained
@@ -221,3 +223,27 @@ def next_token_distribution(trained: Trained, prompt: str, top: int | None = Non
   probs_V = np.exp(np.asarray(logprobs_V, np.float64))
   order = np.argsort(-probs_V, kind="stable")[:top]
   return [(predictor.vocab[i], float(probs_V[i])) for i in order]
+
+
+def score(trained, text: str) -> dict:
+  """The log-probability of `text` under a loaded model, token by token, as `--mode=score`
+  (score.score_text): read as the model's corpus was, fed from the zero state after an <eos>.
+
+    result = score(trained, "the company said it expects\n")
+    result["logprobs"], result["total_logprob"], result["perplexity"]
+
+  A model of several members scores with their average (the mean of their probabilities).
+  """
+  if "_api_scorer" not in vars(trained):  # one jitted scorer per loaded model, as _predictor
+    vars(trained)["_api_scorer"] = score_lib.Scorer(trained)
+  return score_lib.score_text(trained, text, vars(trained)["_api_scorer"])
+
+
+def export(trained, path: str) -> dict:
+  """Writes a loaded model's parameters as `--mode=export` does (export.export): a PyTorch
+  nn.LSTM-layout state_dict in `path` ending .safetensors, or the same arrays in a .npz; the
+  vocabulary goes with them. docs/corpora.md shows the PyTorch side.
+
+    export(load("runs/small"), "small.safetensors")
+  """
+  return export_lib.export(trained, path)

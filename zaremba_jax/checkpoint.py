@@ -25,6 +25,7 @@ BEST = "best"
 
 
 # Flags that change a parameter's shape or the data a position refers to: fixed for a run.
+# (--corpus may change, a folder moved, say: the vocabulary and the training text are checked.)
 FIXED_ON_RESUME = ("level", "num_layers", "hidden_size", "batch_size", "num_steps", "members",
                    *config_lib.REGULARIZER_SHAPE_FIELDS)  # regularizers.py: tying, the projection
 
@@ -40,8 +41,19 @@ class ResumeError(ValueError):
 def check_vocab(vocab, saved_vocab, remedy: str) -> None:
   """Refuses a corpus whose vocabulary is not the one the checkpoint was trained on."""
   if list(saved_vocab) != list(vocab):
-    raise ResumeError(f"the corpus's vocabulary differs from the checkpoint's; pass the --data_dir"
-                      f" the run was trained on{remedy}")
+    raise ResumeError(f"the corpus's vocabulary ({len(vocab)} tokens) differs from the"
+                      f" checkpoint's ({len(saved_vocab)}); pass the --corpus (or --data_dir) the"
+                      f" run was trained on{remedy}")
+
+
+def check_train_text(meta: dict, digest: str, tokens: int) -> None:
+  """Refuses to resume on another training text, even one with the same vocabulary (checkpoints
+  from before the digest was saved are not checked)."""
+  saved = meta.get("train_sha256")
+  if saved is not None and saved != digest:
+    raise ResumeError(f"the training text ({tokens} tokens) is not the one the checkpoint was"
+                      f" trained on; pass the --corpus (and --split, --max_vocab, --min_count) it"
+                      f" was trained on, or add --restart to start over")
 
 
 def check_resumable(saved: dict, config, vocab, saved_vocab, say) -> None:

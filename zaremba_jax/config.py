@@ -8,7 +8,7 @@ import dataclasses
 import importlib.util
 import pathlib
 
-MODES = ("train", "evaluate", "query", "serve", "sample")
+MODES = ("train", "evaluate", "query", "serve", "sample", "score", "export")
 LEVELS = ("word", "char")
 DTYPES = ("float32", "bfloat16")
 KERNELS = ("fast", "reference")
@@ -50,6 +50,11 @@ class Config:
   # --- The successors' regularizers (regularizers.py), all off by default ---
   tie_weights: bool = False      # softmax weights = embedding^T (Press & Wolf; Inan et al.)
   projection_reg: float = 0.0    # >0: projection P [H,H] before the tied softmax, loss + this * sum(P^2)
+  # --- The corpus (data.py): PTB by default; any folder or file, or WikiText-2, with --corpus ---
+  corpus: str = ""               # "": PTB; a folder of train/valid/test, one text file, or wikitext-2
+  split: str = "0.9,0.05,0.05"   # a single --corpus file: train, valid, test fractions of its tokens
+  max_vocab: int = 0             # a --corpus: keep the most frequent words (0: all); chars: a cap
+  min_count: int = 1             # a --corpus: words seen fewer times in train become <unk>
 
   def __post_init__(self):
     errors = []
@@ -77,6 +82,10 @@ class Config:
       errors.append(f"--lr_decay={self.lr_decay} must be >= 1 (it divides the learning rate)")
     if self.max_train_steps < 0:
       errors.append(f"--max_train_steps={self.max_train_steps} must be >= 0 (0 means no cap)")
+    if self.max_vocab < 0:
+      errors.append(f"--max_vocab={self.max_vocab} must be >= 0 (0 means no limit)")
+    if self.min_count < 1:
+      errors.append(f"--min_count={self.min_count} must be at least 1")
     errors.extend(self._regularizer_errors())
     if errors:
       raise ValueError("; ".join(errors))

@@ -89,7 +89,8 @@ def _load_runs(workdirs: list[str], step, say, dtype) -> list[checkpoint_lib.Tra
 
 def evaluate_checkpoint(workdir: str, data_dir: str | None, step: int | None = None,
                         reporter: reporting.Reporter | None = None,
-                        ensemble_sizes: tuple[int, ...] = (), dtype: str | None = None) -> dict:
+                        ensemble_sizes: tuple[int, ...] = (), dtype: str | None = None,
+                        corpus: str | None = None) -> dict:
   """Evaluates the best checkpoint in `workdir` (or the one at `step`) on valid and test.
 
   `workdir` may name several runs, comma-separated ("runs/a,runs/b"): their members are averaged
@@ -104,6 +105,8 @@ def evaluate_checkpoint(workdir: str, data_dir: str | None, step: int | None = N
     reporter: where results go (default: stdout, and the run's metrics.jsonl for one run).
     ensemble_sizes: also report the average of the first k members for each k given.
     dtype: the matmul dtype to evaluate in, instead of each checkpoint's own.
+    corpus: a --corpus to evaluate on instead of the one the checkpoint was trained on (its
+      vocabulary must be the checkpoint's).
 
   Returns:
     {'valid', 'test': the ensemble's headline numbers, 'step': the checkpoint's step (one run)}.
@@ -113,7 +116,8 @@ def evaluate_checkpoint(workdir: str, data_dir: str | None, step: int | None = N
   runs = _load_runs(workdirs, step, reporter.say, dtype)
   first = runs[0]
   reporter.level = first.config.level
-  corpus = data_lib.corpus_for(first.config, data_dir)
+  corpus = data_lib.corpus_for(first.config if corpus is None else
+                               first.config.replace(corpus=corpus), data_dir)
   for trained in runs:
     checkpoint_lib.check_vocab(corpus.vocab, trained.vocab, "")
   reporter.say(f"evaluating {', '.join(t.path for t in runs)} in {first.config.dtype}")

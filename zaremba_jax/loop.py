@@ -67,6 +67,22 @@ class Progress:
     self.window = 0
 
 
+def check_long_enough(config, corpus: data_lib.Corpus) -> None:
+  """Refuses, in one line, a corpus too short for one training window or one validation row."""
+  b, t = config.batch_size, config.num_steps
+  need = b * (t + 1)  # every row needs a window of inputs and its last target
+  if len(corpus.train) < need:
+    raise data_lib.DataError(
+        f"the training split has {len(corpus.train)} tokens, too few for one window of"
+        f" --batch_size={b} x --num_steps={t} (needs {need}); use more text, or lower --batch_size"
+        f" or --num_steps")
+  if len(corpus.valid) < 2 * b:
+    raise data_lib.DataError(
+        f"the validation split has {len(corpus.valid)} tokens, too few for --batch_size={b} rows"
+        f" of two (needs {2 * b}); give it more text (or a larger --split share), or lower"
+        f" --batch_size")
+
+
 class Run:
   """The pieces of a run that depend on the config and the corpus, built once.
 
@@ -77,11 +93,9 @@ class Run:
   def __init__(self, config, corpus: data_lib.Corpus):
     self.config = config
     self.corpus = corpus
+    check_long_enough(config, corpus)
     self.rows_BxL = data_lib.batchify(corpus.train, config.batch_size)
     self.steps_per_epoch = data_lib.num_train_windows(self.rows_BxL, config.num_steps)
-    if self.steps_per_epoch < 1:
-      raise ValueError(f"the training split is too short for --num_steps={config.num_steps} at"
-                       f" --batch_size={config.batch_size}")
     self.model = model_lib.make_model(config, corpus.vocab_size)
     self.tx = train_lib.make_optimizer(config, self.steps_per_epoch)
     self.mesh = (mesh_lib.make_mesh(config.members, config.batch_size, config.mesh or None)
@@ -142,7 +156,13 @@ class Run:
   def meta(self, progress: Progress, records: list) -> dict:
     """What a checkpoint holds beside the TrainState."""
     return {"config": self.config.to_dict(), "vocab": list(self.corpus.vocab),
-            "progress": dataclasses.asdict(progress), "metrics": records}
+            "progress": dataclasses.asdict(progress), "metrics": records,
+            "train_sha256": self.train_digest}
+
+  @functools.cached_property
+  def train_digest(self) -> str:
+    """sha256 of the training token ids: a resume on other text (same vocabulary) is refused."""
+    return data_lib.stream_digest(self.corpus.train)
 
 
 def start_or_resume(run: Run, ckpt, reporter, restart: bool):
@@ -157,8 +177,10 @@ def start_or_resume(run: Run, ckpt, reporter, restart: bool):
     reporter.say(f"--restart: discarded {'; '.join(gone) if gone else 'no checkpoints'} and the"
                  f" metrics in {ckpt.name}")
   elif ckpt and ckpt.steps():
-    check = lambda meta: checkpoint_lib.check_resumable(meta["config"], config, corpus.vocab,
-                                                        meta["vocab"], reporter.say)
+    def check(meta):
+      checkpoint_lib.check_resumable(meta["config"], config, corpus.vocab, meta["vocab"],
+                                     reporter.say)
+      checkpoint_lib.check_train_text(meta, run.train_digest, len(corpus.train))
     restored = ckpt.restore(run.abstract_state(), check=check, say=reporter.say,
                             shardings=run.state_shardings())
     if restored:
@@ -312,6 +334,11 @@ class Training:
     return valid_ppl, test_ppl
 
 
+def corpus_name(config) -> str:
+  """The corpus as the run's first line names it."""
+  return config.corpus or "PTB"
+
+
 def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
                        reporter: reporting.Reporter | None = None, *, restart: bool = False,
                        stop_requested=lambda step: None) -> dict | None:
@@ -347,7 +374,7 @@ def train_and_evaluate(config, data_dir: str | None, workdir: str | None,
     training = Training(run, state, progress, ckpt, reporter)
     corpus, count = run.corpus, members_lib.count(state.params)
     n_params = sum(p.size for p in jax.tree.leaves(state.params)) // count
-    reporter.say(f"{config.level}-level PTB: vocabulary {corpus.vocab_size}, train/valid/test"
+    reporter.say(f"{config.level}-level {corpus_name(config)}: vocabulary {corpus.vocab_size}, train/valid/test"
                  f" tokens {len(corpus.train)}/{len(corpus.valid)}/{len(corpus.test)};"
                  f" {n_params:,} parameters{f' x {count} members' if count > 1 else ''};"
                  f" {run.steps_per_epoch} steps an epoch on"

@@ -7,6 +7,7 @@
 import dataclasses
 import functools
 import itertools
+import os
 import signal
 import sys
 import warnings
@@ -108,6 +109,24 @@ flags.DEFINE_float("projection_reg", _DEFAULTS.projection_reg, "Press & Wolf's p
                    " the tied softmax and adds this * sum(P^2) to the loss (their code: 1/260)."
                    " Needs --tie_weights.", lower_bound=0.0)
 
+# --- Other corpora (zaremba_jax/data.py), --mode=score and --mode=export ---
+flags.DEFINE_string("corpus", _DEFAULTS.corpus, "Train on this instead of PTB: a folder with"
+                    " train.txt, valid.txt and test.txt (or ptb.*.txt, wiki.*.tokens), one UTF-8"
+                    " text file cut by --split, or wikitext-2 / wikitext-2-raw (downloaded into"
+                    " the cache, sha256-checked). With --level=char every character is a token.")
+flags.DEFINE_string("split", _DEFAULTS.split, "A single --corpus file: the train, valid and test"
+                    " fractions of its tokens, in that order.")
+flags.DEFINE_integer("max_vocab", _DEFAULTS.max_vocab, "A --corpus at word level: keep the most"
+                     " frequent words, the rest become <unk> (0: all). At char level: the most"
+                     " distinct characters allowed.", lower_bound=0)
+flags.DEFINE_integer("min_count", _DEFAULTS.min_count, "A --corpus: words seen fewer times in"
+                     " the training split become <unk>.", lower_bound=1)
+flags.DEFINE_string("input", None, "--mode=score: the text file to score (default: stdin).")
+flags.DEFINE_bool("json", False, "--mode=score: print one JSON object (total, per-token"
+                  " log-probabilities, perplexity) instead of a table.")
+flags.DEFINE_string("output", None, "--mode=export: the file to write, ending in .safetensors"
+                    " (a PyTorch nn.LSTM state_dict) or .npz (the same arrays for numpy).")
+
 # --- Test-time methods (zaremba_jax/test_time.py), --mode=evaluate; several values: a search ---
 flags.DEFINE_list("cache_window", [], "--mode=evaluate: add the continuous cache (Grave et al."
                   " 2017) over this many previous positions. Several values, here or in"
@@ -141,7 +160,18 @@ FLAGS = flags.FLAGS
 
 def config_from_flags() -> config_lib.Config:
   fields = {f.name for f in dataclasses.fields(config_lib.Config)}
-  return config_lib.Config(**{name: FLAGS[name].value for name in fields if name in FLAGS})
+  values = {name: FLAGS[name].value for name in fields if name in FLAGS}
+  values["corpus"] = absolute_corpus(values.get("corpus", ""))
+  return config_lib.Config(**values)
+
+
+def absolute_corpus(corpus: str) -> str:
+  """A --corpus path made absolute (a checkpoint then finds it from any folder); names such as
+  wikitext-2 stay as they are."""
+  from zaremba_jax import data as data_lib  # numpy only; jax is not imported
+  if not corpus or corpus in data_lib.WIKITEXT:
+    return corpus
+  return os.path.abspath(os.path.expanduser(corpus))
 
 
 def expand_presets(argv: list[str]) -> list[str]:
@@ -244,6 +274,7 @@ def main(argv):
   from zaremba_jax import checkpoint as checkpoint_lib
   from zaremba_jax import data as data_lib
   from zaremba_jax import evaluation
+  from zaremba_jax import export as export_lib
   from zaremba_jax import loop
   from zaremba_jax import mesh as mesh_lib
   from zaremba_jax import hosts
@@ -270,11 +301,14 @@ def main(argv):
     elif config.mode == "evaluate":
       evaluation.evaluate_checkpoint(FLAGS.workdir, FLAGS.data_dir, FLAGS.checkpoint_step,
                                ensemble_sizes=tuple(int(k) for k in FLAGS.ensemble_sizes),
-                               dtype=dtype_override())
+                               dtype=dtype_override(),
+                               corpus=config.corpus if FLAGS["corpus"].present else None)
+    elif config.mode in ("score", "export"):
+      return score_or_export(config.mode)
     else:
       return generate(config.mode)
   except (data_lib.DataError, checkpoint_lib.CheckpointError, checkpoint_lib.ResumeError,
-          mesh_lib.MeshError, hosts.MismatchError) as e:
+          mesh_lib.MeshError, hosts.MismatchError, export_lib.ExportError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
@@ -332,6 +366,34 @@ def generate(mode: str) -> int:
   return sample.run_sample(trained, FLAGS.prime, FLAGS.sample_len,
                            sample.SAMPLE_TEMPERATURE if FLAGS.temperature is None
                            else FLAGS.temperature, FLAGS.top_k, FLAGS.seed)
+
+
+def score_or_export(mode: str) -> int:
+  """score: the log-probabilities of --input (or stdin) under the best checkpoint; export: its
+  parameters as a PyTorch state_dict (.safetensors) or numpy arrays (.npz) in --output."""
+  from zaremba_jax import checkpoint as checkpoint_lib
+  say = lambda line: print(line, file=sys.stderr, flush=True)
+  if mode == "export" and not FLAGS.output:
+    raise app.UsageError("--mode=export needs --output=FILE.safetensors (PyTorch) or FILE.npz")
+  trained = checkpoint_lib.load_trained(FLAGS.workdir, FLAGS.checkpoint_step, say=say,
+                                        dtype=dtype_override())
+  if mode == "export":
+    from zaremba_jax import export as export_lib
+    written = export_lib.export(trained, FLAGS.output)
+    print(f"wrote {written['path']}: {written['tensors']} arrays ({written['members']} member(s),"
+          f" vocabulary {written['vocab_size']}) from {trained.path}")
+    return 0
+  from zaremba_jax import score as score_lib
+  if FLAGS.input:
+    try:
+      with open(FLAGS.input, "rb") as f:
+        payload = f.read()
+    except OSError as e:
+      raise app.UsageError(f"--input={FLAGS.input}: {e.strerror}") from None
+  else:
+    payload = sys.stdin.buffer.read()
+  return score_lib.run_score(trained, payload, FLAGS.input or "stdin", FLAGS.json, sys.stdout,
+                             sys.stderr)
 
 
 def main_one_line_errors(argv):

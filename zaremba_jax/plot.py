@@ -35,6 +35,8 @@ REFERENCES = {
                    course_to_bpc(220.7)),
     # The successors' rows (regularizers.py; each preset's header names its paper).
     "small_tied_pr": ("Press & Wolf valid 104.9", 104.9),
+    # Another corpus (data.py, --corpus); its preset's header names the anchors.
+    "wt2_medium": ("Inan et al. 650 tied valid 92.3", 92.3),
 }
 
 # What makes a run one of the presets: the model, the data it reads and the schedule. Speed-only
@@ -62,7 +64,7 @@ def recognise(saved_config: dict | None) -> str | None:
     return None
   from zaremba_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   defaults = config_lib.Config().to_dict()
-  fields = PRESET_FIELDS + config_lib.REGULARIZER_FIELDS
+  fields = PRESET_FIELDS + config_lib.REGULARIZER_FIELDS + ("corpus",)  # PTB is corpus ""
   for name in config_lib.preset_names():
     wanted = config_lib.preset(name).to_dict()
     # A field newer than the run (a regularizer's) has its default, as the run had it.

@@ -180,11 +180,12 @@ def prime_ids(trained, prime: str, warn) -> list[int]:
   """The prime text as token ids: words, or characters with spaces read as "_"."""
   index = {t: i for i, t in enumerate(trained.vocab)}
   if trained.config.level == "char":
+    as_is = data_lib.char_style(trained.config) == "text"  # a --corpus: characters as they are
     tokens = []
     for k, line in enumerate(prime.split("\n")):
       if k:
         tokens.append(data_lib.EOS)
-      tokens.extend("_".join(line.split()))
+      tokens.extend(line if as_is else "_".join(line.split()))
   else:
     tokens = prime.split()
   unknown = sorted({t for t in tokens if t not in index})
@@ -195,10 +196,11 @@ def prime_ids(trained, prime: str, warn) -> list[int]:
 
 
 def render(trained, ids) -> str:
-  """Token ids as text: <eos> as a line break; characters with "_" as a space."""
+  """Token ids as text: <eos> as a line break; PTB's characters with "_" as a space."""
   tokens = [trained.vocab[i] for i in ids]
   if trained.config.level == "char":
-    return "".join("\n" if t == data_lib.EOS else " " if t == "_" else t for t in tokens)
+    space = "_" if data_lib.char_style(trained.config) == "ptb" else " "  # PTB's space is "_"
+    return "".join("\n" if t == data_lib.EOS else " " if t == space else t for t in tokens)
   return " ".join(tokens).replace(f" {data_lib.EOS} ", "\n").replace(data_lib.EOS, "\n")
 
 
