@@ -19,6 +19,7 @@ from zaremba_jax import evaluation
 from zaremba_jax import members as members_lib
 from zaremba_jax import mesh as mesh_lib
 from zaremba_jax import model as model_lib
+from zaremba_jax import regularizers
 from zaremba_jax import reporting
 from zaremba_jax import train as train_lib
 
@@ -300,7 +301,7 @@ class Training:
     for k, (nll, logs) in enumerate(zip(nll_K, progress.valid_history)):
       if active_K[k]:
         continue
-      if len(logs) > c.nonmono and nll > min(logs[:-c.nonmono]):
+      if regularizers.nt_asgd_triggers(logs, nll, c.nonmono):
         started[k] = True
         self.reporter.say(f"NT-ASGD: member {k} averages from step {self.step} on (validation"
                           f" {np.exp(nll):.2f} is above {np.exp(min(logs[:-c.nonmono])):.2f}, the"

@@ -181,6 +181,10 @@ class LanguageModel(nn.Module):
     if targets_BxT is None:
       return kernels.output_logits(x_BxTxH, w_out, b_out, self.plan), carry
     batch, steps = targets_BxT.shape
+    if self.options.tie_weights:
+      nll_N = kernels.softmax_nll_tied(x_BxTxH.reshape(batch * steps, -1), embedding_VxH, b_out,
+                                       targets_BxT.reshape(-1), self.plan)
+      return nll_N.reshape(batch, steps), carry
     nll_N = kernels.softmax_nll(x_BxTxH.reshape(batch * steps, -1), w_out, b_out,
                                 targets_BxT.reshape(-1), self.plan)
     return nll_N.reshape(batch, steps), carry

@@ -35,6 +35,10 @@ REFERENCES = {
                    course_to_bpc(220.7)),
     # The successors' rows (regularizers.py; each preset's header names its paper).
     "small_tied_pr": ("Press & Wolf valid 104.9", 104.9),
+    "small_variational_tied": ("Inan et al. valid 89.9", 89.9),
+    "medium_variational": ("Gal & Ghahramani valid 81.9", 81.9),
+    "large_variational_tied": ("Press & Wolf valid 75.8", 75.8),
+    "awd_lstm": ("Merity et al. valid 60.0", 60.0),
 }
 
 # What makes a run one of the presets: the model, the data it reads and the schedule. Speed-only

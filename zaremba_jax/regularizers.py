@@ -88,6 +88,13 @@ def drop_weights(key, w, rate: float):
   return w * keep_mask(key, rate, w.shape)
 
 
+def nt_asgd_triggers(logs: list[float], value: float, nonmono: int) -> bool:
+  """NT-ASGD's condition (Merity et al. 2017, Algorithm 1): with the validation results `logs`
+  before this one, averaging starts when there are more than `nonmono` of them and `value` is
+  worse (higher) than the best of all but the last `nonmono`."""
+  return len(logs) > nonmono and value > min(logs[:-nonmono])
+
+
 def penalty(params, options: Options):
   """The loss terms on the weights themselves (0.0 when there are none).
 

@@ -68,3 +68,12 @@ def softmax_nll(x_NxH, w_HxV, b_V, targets_N, plan: Plan):
   if plan.kernels == "reference":
     return reference.softmax_nll(x_NxH, w_HxV, b_V, targets_N, plan)
   return softmax.softmax_nll(x_NxH, w_HxV, b_V, targets_N, plan)
+
+
+def softmax_nll_tied(x_NxH, e_VxH, b_V, targets_N, plan: Plan):
+  """-log softmax(x E^T + b)[target] per row, the softmax's weights tied to the embedding E."""
+  if plan.kernels == "reference":
+    return reference.softmax_nll(x_NxH, e_VxH.T, b_V, targets_N, plan)
+  if plan.weight_grads_via_gather:  # bfloat16 on the CPU: E's gradient in its own layout
+    return softmax.softmax_nll_tied(x_NxH, e_VxH, b_V, targets_N, plan)
+  return softmax.softmax_nll(x_NxH, e_VxH.T, b_V, targets_N, plan)
