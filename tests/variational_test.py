@@ -382,5 +382,23 @@ class NTASGDRunTest(absltest.TestCase):
     self.assertAlmostEqual(evaluated["valid"], resumed["valid"], places=6)
 
 
+class GpuPresetsInTestSizeTest(parameterized.TestCase):
+  """The GPU presets, shrunk to test size (16 units, batch 4, 10-step windows) with every other
+  flag as the preset has it (layers, dropouts, weight drop, decay, NT-ASGD, schedule), train 200
+  steps on the tiny corpus and learn it: their full rows are not run on this CPU."""
+
+  @parameterized.parameters("medium_variational", "large_variational_tied", "awd_lstm")
+  def test_200_steps(self, name):
+    data = helpers.write_tiny_corpus(tempfile.mkdtemp())
+    config = config_lib.preset(name, hidden_size=16, batch_size=4, num_steps=10, test_chunk=64,
+                               max_train_steps=200, log_per_epoch=1)
+    out = io.StringIO()
+    result = loop.train_and_evaluate(config, data, None, reporting.Reporter(None, out))
+    self.assertEqual(int(result["state"].step[0]), 200)
+    # 10 words: a uniform guess is perplexity 10; each next word here follows from the last.
+    self.assertLess(result["valid"], 9.0, out.getvalue())
+    self.assertLess(result["test"], 9.0)
+
+
 if __name__ == "__main__":
   absltest.main()
