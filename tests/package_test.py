@@ -28,7 +28,9 @@ from zaremba_jax import main as main_lib
 from tests import helpers
 
 PRESETS = {"small", "medium", "large", "word200", "char_small", "char_large",
-           "small_tied_pr",  # the successors' regularizers (regularizers.py)
+           # the successors' regularizers (regularizers.py)
+           "small_tied_pr", "small_variational_tied", "medium_variational",
+           "large_variational_tied", "awd_lstm",
            "wt2_medium"}  # another corpus (data.py, --corpus)
 
 

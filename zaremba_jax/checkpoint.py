@@ -285,11 +285,12 @@ def _model_of(meta: dict, dtype: str | None):
 
 
 def _params_target(meta: dict) -> dict:
-  """Shapes and dtypes of a checkpoint's parameters, every member's: what inference restores."""
+  """Shapes and dtypes of a checkpoint's parameters, every member's: what inference restores
+  (for an NT-ASGD run, --nt_asgd, the average: its model)."""
   config, model = _model_of(meta, None)
   one = jax.eval_shape(lambda: model_lib.init_params(model, jax.random.key(0)))
-  return {"params": jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((config.members, *x.shape), x.dtype), one)}
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct((config.members, *x.shape), x.dtype), one)
+  return {"average": {"params": params}} if config.nt_asgd else {"params": params}
 
 
 def load_trained(workdir: str, step: int | None = None, say=print,
@@ -323,7 +324,8 @@ def load_trained(workdir: str, step: int | None = None, say=print,
   config, model = _model_of(meta, dtype)
   progress = meta["progress"]
   return Trained(config=config, vocab=tuple(meta["vocab"]), model=model,
-                 params=state["params"], step=saved_step,
+                 params=state["average"]["params"] if config.nt_asgd else state["params"],
+                 step=saved_step,
                  # A checkpoint taken at an epoch's end (after its validation) already points
                  # at the next epoch's first window; one taken inside an epoch, at a later window.
                  epoch=max(1, progress["epoch"] - (progress["window"] == 0)),

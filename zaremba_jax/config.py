@@ -14,8 +14,11 @@ DTYPES = ("float32", "bfloat16")
 KERNELS = ("fast", "reference")
 # The regularizers' fields (regularizers.py): all of them, and those that change a parameter's
 # shape (fixed for a run, as hidden_size is).
-REGULARIZER_FIELDS = ("tie_weights", "projection_reg")
-REGULARIZER_SHAPE_FIELDS = ("tie_weights", "projection_reg")
+REGULARIZER_FIELDS = ("tie_weights", "projection_reg", "locked_dropout", "dropout_between_layers",
+                      "dropout_recurrent", "dropout_embedding", "weight_drop", "weight_decay",
+                      "nt_asgd", "nonmono")
+# (weight_decay and nt_asgd add parts to the optimizer's or the train state.)
+REGULARIZER_SHAPE_FIELDS = ("tie_weights", "projection_reg", "weight_decay", "nt_asgd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,14 @@ class Config:
   split: str = "0.9,0.05,0.05"   # a single --corpus file: train, valid, test fractions of its tokens
   max_vocab: int = 0             # a --corpus: keep the most frequent words (0: all); chars: a cap
   min_count: int = 1             # a --corpus: words seen fewer times in train become <unk>
+  locked_dropout: bool = False   # the non-recurrent dropout masks: one per row for the window (Gal)
+  dropout_between_layers: float = -1.0  # dropout between layers (<0: --dropout) (Merity's dropouth)
+  dropout_recurrent: float = 0.0  # drop units of h_{t-1} in h_{t-1} W_hh, one mask per row (Gal)
+  dropout_embedding: float = 0.0  # drop whole rows (words) of the embedding per window (Merity)
+  weight_drop: float = 0.0       # DropConnect on W_hh, one mask per window (Merity)
+  weight_decay: float = 0.0      # SGD weight decay: the update adds this * params after clipping
+  nt_asgd: bool = False          # average the iterates once validation stops improving (Merity)
+  nonmono: int = 5               # NT-ASGD: validations to look back before triggering
 
   def __post_init__(self):
     errors = []
@@ -98,6 +109,20 @@ class Config:
     if self.projection_reg > 0 and not self.tie_weights:
       errors.append(f"--projection_reg={self.projection_reg} regularizes the projection before a"
                     f" tied softmax (Press & Wolf); add --tie_weights")
+    for name in ("dropout_recurrent", "dropout_embedding", "weight_drop"):
+      value = getattr(self, name)
+      if not 0.0 <= value < 1.0:
+        errors.append(f"--{name}={value} must be in [0, 1) (it is the probability of dropping)")
+    if not (self.dropout_between_layers == -1.0 or 0.0 <= self.dropout_between_layers < 1.0):
+      errors.append(f"--dropout_between_layers={self.dropout_between_layers} must be in [0, 1),"
+                    f" or -1 for the same as --dropout")
+    if self.locked_dropout and self.dropout == 0.0 and self.dropout_between_layers <= 0.0:
+      errors.append("--locked_dropout locks the masks of --dropout (and"
+                    " --dropout_between_layers), which are 0 here; give a --dropout")
+    if self.weight_decay < 0:
+      errors.append(f"--weight_decay={self.weight_decay} must be >= 0 (0: none)")
+    if self.nonmono < 1:
+      errors.append(f"--nonmono={self.nonmono} must be at least 1")
     return errors
 
   def replace(self, **changes) -> "Config":

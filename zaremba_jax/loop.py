@@ -10,6 +10,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from zaremba_jax import checkpoint as checkpoint_lib
@@ -19,6 +20,7 @@ from zaremba_jax import hosts
 from zaremba_jax import members as members_lib
 from zaremba_jax import mesh as mesh_lib
 from zaremba_jax import model as model_lib
+from zaremba_jax import regularizers
 from zaremba_jax import reporting
 from zaremba_jax import train as train_lib
 
@@ -36,6 +38,9 @@ class Progress:
   train_seconds: float = 0.0
   train_words: int = 0
   minutes: float = 0.0
+  # NT-ASGD (--nt_asgd): each member's validation NLL per token at each epoch's end, until its
+  # averaging starts (Merity et al.'s `logs`).
+  valid_history: list = dataclasses.field(default_factory=list)
 
   def start_epoch(self, members: int) -> None:
     self.epoch_nll, self.epoch_count = [0.0] * members, 0
@@ -229,9 +234,10 @@ class Training:
                      best=best)
 
   def evaluate(self, split: str, epoch: int, learning_rate: float) -> float:
+    # NT-ASGD's average once it runs (train.evaluated_params), else the parameters.
+    self.last_eval = self.evaluator(train_lib.evaluated_params(self.state), split)
     return self.reporter.eval_result(step=self.step, epoch=epoch, split=split,
-                                     learning_rate=learning_rate,
-                                     **self.evaluator(self.state.params, split))
+                                     learning_rate=learning_rate, **self.last_eval)
 
   def train_epoch(self, stop_requested) -> str | None:
     """Trains the rest of the current epoch (or up to the step cap), logging and checkpointing.
@@ -301,8 +307,35 @@ class Training:
     progress = self.progress
     ppl = self.evaluate("valid", progress.epoch, self.run.learning_rate(progress.epoch))
     improved = progress.validated(ppl, self.step)
+    if self.state.average is not None:
+      self._trigger_averaging()
     progress.next_epoch()
     self.save(best=improved)
+
+  def _trigger_averaging(self) -> None:
+    """NT-ASGD's trigger (Merity et al. 2017, Algorithm 1, L = one epoch), member by member: a
+    member not yet averaging starts when this validation is worse than the best of all but its
+    last `nonmono` ones; the history grows until it starts."""
+    c, progress, run = self.config, self.progress, self.run
+    nll_K = [nll / self.last_eval["count"] for nll in self.last_eval["member_nll"]]
+    if not progress.valid_history:
+      progress.valid_history = [[] for _ in nll_K]
+    active_K = np.asarray(mesh_lib.fetch(run.mesh, self.state.average["active"]))
+    started = active_K.copy()
+    for k, (nll, logs) in enumerate(zip(nll_K, progress.valid_history)):
+      if active_K[k]:
+        continue
+      if regularizers.nt_asgd_triggers(logs, nll, c.nonmono):
+        started[k] = True
+        self.reporter.say(f"NT-ASGD: member {k} averages from step {self.step} on (validation"
+                          f" {np.exp(nll):.2f} is above {np.exp(min(logs[:-c.nonmono])):.2f}, the"
+                          f" best before the last {c.nonmono})")
+      logs.append(float(nll))
+    if (started != active_K).any():
+      active = started.astype(bool)
+      active = (jnp.asarray(active) if run.mesh is None else
+                mesh_lib.put(active, mesh_lib.member_sharding(run.mesh)))
+      self.state = self.state.replace(average={**self.state.average, "active": active})
 
   def stopped(self, reason: str) -> None:
     if self.ckpt:

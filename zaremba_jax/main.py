@@ -108,6 +108,27 @@ flags.DEFINE_float("projection_reg", _DEFAULTS.projection_reg, "Press & Wolf's p
                    " regularization: > 0 puts a projection P [hidden, hidden] (with a bias) before"
                    " the tied softmax and adds this * sum(P^2) to the loss (their code: 1/260)."
                    " Needs --tie_weights.", lower_bound=0.0)
+flags.DEFINE_bool("locked_dropout", _DEFAULTS.locked_dropout, "Variational (locked) dropout (Gal &"
+                  " Ghahramani 2016): the masks of --dropout and --dropout_between_layers are one"
+                  " per sequence (batch row), held over the whole window.")
+flags.DEFINE_float("dropout_between_layers", _DEFAULTS.dropout_between_layers, "Dropout between"
+                   " the LSTM layers at its own rate (Merity et al. 2017's dropouth); -1: --dropout.")
+flags.DEFINE_float("dropout_recurrent", _DEFAULTS.dropout_recurrent, "Gal & Ghahramani's recurrent"
+                   " dropout: the probability of dropping a unit of h_{t-1} in h_{t-1} W_hh, one"
+                   " mask per sequence and layer for the window.", lower_bound=0.0)
+flags.DEFINE_float("dropout_embedding", _DEFAULTS.dropout_embedding, "Embedding dropout (Merity et"
+                   " al. 2017): the probability of dropping a word's whole embedding row for the"
+                   " window (the rest are scaled by 1/(1-p)).", lower_bound=0.0)
+flags.DEFINE_float("weight_drop", _DEFAULTS.weight_drop, "Weight drop (Merity et al. 2017):"
+                   " DropConnect on W_hh, one mask per layer for the window.", lower_bound=0.0)
+flags.DEFINE_float("weight_decay", _DEFAULTS.weight_decay, "Weight decay: each SGD update also"
+                   " subtracts lr * this * params (after gradient clipping, as PyTorch's"
+                   " SGD(weight_decay) in Merity et al.'s code).", lower_bound=0.0)
+flags.DEFINE_bool("nt_asgd", _DEFAULTS.nt_asgd, "NT-ASGD (Merity et al. 2017): once a validation"
+                  " is no better than the best before the last --nonmono, average the parameters"
+                  " after every step; the average is what is evaluated and kept as the model.")
+flags.DEFINE_integer("nonmono", _DEFAULTS.nonmono, "NT-ASGD's look-back, in validations (epochs).",
+                     lower_bound=1)
 
 # --- Other corpora (zaremba_jax/data.py), --mode=score and --mode=export ---
 flags.DEFINE_string("corpus", _DEFAULTS.corpus, "Train on this instead of PTB: a folder with"

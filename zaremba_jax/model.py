@@ -9,7 +9,9 @@ Section 3 of the paper, for each layer l and time step t (gates ordered [i, f, o
 
 where x_t is the embedding of token t for the first layer and the layer below's h_t after it.
 Dropout acts on the non-recurrent connections only: the embedding's output, between layers and
-before the softmax; never on h_{t-1} or c_{t-1} inside the recurrence.
+before the softmax; never on h_{t-1} or c_{t-1} inside the recurrence. (The successors'
+regularizers, `regularizers.py`, each off by default, add masks held over the window, one on
+h_{t-1} W_hh among them, whole embedding rows dropped, and DropConnect on W_hh.)
 
 ``LanguageModel.apply({'params': p}, tokens_BxT, carry, train=...)`` is a pure function
 ``(params, tokens, carry) -> (logits_BxTxV, carry)``. The carry (c and h of every layer) goes in
@@ -62,15 +64,20 @@ class LSTMLayer(nn.Module):
   hidden_size: int
   init_scale: float
   plan: kernels.Plan = kernels.Plan()
+  # regularizers.py, in training only: Gal's recurrent dropout on h_{t-1} W_hh (one mask per row
+  # for the window) and Merity's weight drop (DropConnect on W_hh, one mask for the window).
+  dropout_recurrent: float = 0.0
+  weight_drop: float = 0.0
 
   @nn.compact
   def __call__(self, c_BxH, h_BxH, *, x_TxBxD=None, table_VxD=None, tokens_TxB=None,
-               xw_table_Vx4H=None):
+               xw_table_Vx4H=None, train: bool = False):
     """Runs the layer from state (c, h) over inputs x_TxBxD, or over table_VxD[tokens_TxB].
 
     Given a table (an embedding without dropout) and tokens, the layer projects the V table rows
     once and gathers the results: (E W_ih + b)[tokens] equals E[tokens] W_ih + b row by row.
-    `xw_table_Vx4H`, if given, is that projection already made (`first_layer_table`).
+    `xw_table_Vx4H`, if given, is that projection already made (`first_layer_table`). With
+    `train`, the layer's recurrent masks (if any) are drawn from the "dropout" key.
 
     Returns:
       (h_TxBxH, (c_BxH, h_BxH)): every step's output and the final state.
@@ -87,7 +94,15 @@ class LSTMLayer(nn.Module):
       if xw_table_Vx4H is None:
         xw_table_Vx4H = kernels.table_projection(table_VxD, w_ih, b, self.plan)
       xw_TxBx4H = xw_table_Vx4H[tokens_TxB]
-    return kernels.lstm_recurrence(xw_TxBx4H, w_hh, c_BxH, h_BxH, self.plan)
+    if not (train and (self.dropout_recurrent > 0 or self.weight_drop > 0)):
+      return kernels.lstm_recurrence(xw_TxBx4H, w_hh, c_BxH, h_BxH, self.plan)
+    if self.weight_drop > 0:
+      w_hh = regularizers.drop_weights(self.make_rng("dropout"), w_hh, self.weight_drop)
+    h_mask_BxH = None
+    if self.dropout_recurrent > 0:
+      h_mask_BxH = regularizers.recurrent_mask(self.make_rng("dropout"), self.dropout_recurrent,
+                                               *h_BxH.shape)
+    return kernels.lstm_recurrence(xw_TxBx4H, w_hh, c_BxH, h_BxH, self.plan, h_mask_BxH)
 
 
 class LanguageModel(nn.Module):
@@ -118,21 +133,36 @@ class LanguageModel(nn.Module):
       (logits_BxTxV or nll_BxT, the carry after the window's last token).
     """
     init = symmetric_uniform(self.init_scale)
+    opts = self.options
     drop = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)
-    if xw_table_Vx4H is not None and not drop.deterministic:
-      raise ValueError("xw_table_Vx4H skips the embedding's dropout: pass it without dropout only")
+
+    def dropout_at(rate):  # the paper's `drop`, unless a regularizer changes the rate or the mask
+      if rate == self.dropout and not opts.locked_dropout:
+        return drop
+      # Locked: the [T, B, H] activation's mask is one [1, B, H] for every step of the window.
+      return nn.Dropout(rate, broadcast_dims=(0,) if opts.locked_dropout else (),
+                        deterministic=not train or rate == 0.0)
+    drop_outside = dropout_at(self.dropout)  # the embedding's output and before the softmax
+    drop_between = dropout_at(opts.between_layers(self.dropout))
     embedding_VxH = self.param("embedding", init, (self.vocab_size, self.hidden_size))
-    if drop.deterministic and (xw_table_Vx4H is not None or self.plan.first_layer_per_vocab_row):
-      x_input = dict(table_VxD=embedding_VxH, tokens_TxB=tokens_BxT.T,
-                     xw_table_Vx4H=xw_table_Vx4H)
+    table_VxH = embedding_VxH  # what the first layer reads; the tied softmax reads the embedding
+    if train and opts.dropout_embedding > 0:
+      table_VxH = regularizers.drop_embedding_rows(self.make_rng("dropout"), embedding_VxH,
+                                                   opts.dropout_embedding)
+    if xw_table_Vx4H is not None and not (drop_outside.deterministic and table_VxH is embedding_VxH):
+      raise ValueError("xw_table_Vx4H skips the embedding's dropout: pass it without dropout only")
+    if drop_outside.deterministic and (xw_table_Vx4H is not None or
+                                       self.plan.first_layer_per_vocab_row):
+      x_input = dict(table_VxD=table_VxH, tokens_TxB=tokens_BxT.T, xw_table_Vx4H=xw_table_Vx4H)
     else:
-      x_input = dict(x_TxBxD=drop(embedding_VxH[tokens_BxT.T]))
+      x_input = dict(x_TxBxD=drop_outside(table_VxH[tokens_BxT.T]))
     new_c, new_h = [], []
     for layer in range(self.num_layers):
       h_TxBxH, (c, h) = LSTMLayer(self.hidden_size, self.init_scale, self.plan,
+                                  opts.dropout_recurrent, opts.weight_drop,
                                   name=f"lstm_{layer}")(
-          carry.c_LxBxH[layer], carry.h_LxBxH[layer], **x_input)
-      x_TxBxH = drop(h_TxBxH)
+          carry.c_LxBxH[layer], carry.h_LxBxH[layer], train=train, **x_input)
+      x_TxBxH = (drop_outside if layer == self.num_layers - 1 else drop_between)(h_TxBxH)
       x_input = dict(x_TxBxD=x_TxBxH)
       new_c.append(c)
       new_h.append(h)
@@ -151,6 +181,10 @@ class LanguageModel(nn.Module):
     if targets_BxT is None:
       return kernels.output_logits(x_BxTxH, w_out, b_out, self.plan), carry
     batch, steps = targets_BxT.shape
+    if self.options.tie_weights:
+      nll_N = kernels.softmax_nll_tied(x_BxTxH.reshape(batch * steps, -1), embedding_VxH, b_out,
+                                       targets_BxT.reshape(-1), self.plan)
+      return nll_N.reshape(batch, steps), carry
     nll_N = kernels.softmax_nll(x_BxTxH.reshape(batch * steps, -1), w_out, b_out,
                                 targets_BxT.reshape(-1), self.plan)
     return nll_N.reshape(batch, steps), carry

@@ -37,6 +37,10 @@ REFERENCES = {
     "small_tied_pr": ("Press & Wolf valid 104.9", 104.9),
     # Another corpus (data.py, --corpus); its preset's header names the anchors.
     "wt2_medium": ("Inan et al. 650 tied valid 92.3", 92.3),
+    "small_variational_tied": ("Inan et al. valid 89.9", 89.9),
+    "medium_variational": ("Gal & Ghahramani valid 81.9", 81.9),
+    "large_variational_tied": ("Press & Wolf valid 75.8", 75.8),
+    "awd_lstm": ("Merity et al. valid 60.0", 60.0),
 }
 
 # What makes a run one of the presets: the model, the data it reads and the schedule. Speed-only

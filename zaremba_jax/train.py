@@ -38,9 +38,20 @@ def make_schedule(learning_rate: float, max_epoch: int, lr_decay: float,
 
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Clip the global gradient norm, then SGD under the paper's schedule."""
+  """Clip the global gradient norm, then SGD under the paper's schedule.
+
+  With `config.weight_decay` (regularizers.py), `add_decayed_weights` sits between the clipping
+  and SGD: the update is -lr (clip(g) + wd theta), as PyTorch's SGD(weight_decay=wd) makes it in
+  Merity et al.'s AWD-LSTM code (their gradient is clipped before the optimizer adds the decay),
+  i.e. an L2 term wd/2 ||theta||^2 whose gradient escapes the clipping. (Gal's Torch code
+  subtracts wd theta after the update, not scaled by lr: the same at lr 1.)
+  """
   schedule = make_schedule(config.learning_rate, config.max_epoch, config.lr_decay,
                            steps_per_epoch)
+  if getattr(config, "weight_decay", 0.0) > 0:
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                       optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(schedule))
   return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                      optax.sgd(schedule))
 
@@ -54,6 +65,9 @@ class TrainState:
   opt_state: optax.OptState
   carry: model_lib.LSTMState            # LSTM state carried into the next window
   key: jax.Array                        # dropout key; each step folds in its step number
+  # NT-ASGD (`--nt_asgd`): {"params": the average, "count": iterates in it, "active": whether
+  # averaging has started}; None without it (the state is then what it always was).
+  average: Any = None
 
 
 def create_train_state(config, model: model_lib.LanguageModel, tx, key: jax.Array) -> TrainState:
@@ -61,8 +75,30 @@ def create_train_state(config, model: model_lib.LanguageModel, tx, key: jax.Arra
   init_key, dropout_key = jax.random.split(key)
   params = model_lib.init_params(model, init_key, config.batch_size, config.num_steps)
   carry = model_lib.zero_state(config.num_layers, config.batch_size, config.hidden_size)
+  average = None
+  if getattr(config, "nt_asgd", False):
+    average = {"params": jax.tree.map(jnp.copy, params), "count": jnp.zeros((), jnp.int32),
+               "active": jnp.zeros((), jnp.bool_)}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    carry=carry, key=dropout_key)
+                    carry=carry, key=dropout_key, average=average)
+
+
+def update_average(average, params):
+  """NT-ASGD's running mean after a step: once `average["active"]`, the mean of the parameters
+  after each step since then (Merity et al. 2017, Algorithm 1; PyTorch's ASGD with t0=0,
+  lambd=0); before, the parameters themselves, so that evaluating the average is evaluating them.
+  """
+  active = average["active"]
+  count = average["count"] + active.astype(jnp.int32)
+  weight = 1.0 / jnp.maximum(count, 1).astype(jnp.float32)
+  mean = jax.tree.map(lambda a, p: jnp.where(active, a + (p - a) * weight, p), average["params"],
+                      params)
+  return {"params": mean, "count": count, "active": active}
+
+
+def evaluated_params(state: TrainState):
+  """The parameters a run evaluates and keeps as its model: NT-ASGD's average, else the params."""
+  return state.params if state.average is None else state.average["params"]
 
 
 def sequence_loss(nll_BxT):
@@ -93,6 +129,8 @@ def train_step(state: TrainState, inputs_BxT, targets_BxT, *, model, tx):
   metrics = {"nll_sum": nll_sum, "grad_norm": optax.tree.norm(grads)}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             carry=jax.lax.stop_gradient(carry))
+  if state.average is not None:
+    new_state = new_state.replace(average=update_average(state.average, params))
   return new_state, metrics
 
 

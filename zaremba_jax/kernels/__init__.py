@@ -32,11 +32,16 @@ def cast_weights(params, plan: Plan):
       lambda path, x: x.astype(plan.dtype) if path[-1].key in MATMUL_WEIGHTS else x, params)
 
 
-def lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan: Plan):
-  """The LSTM over time from its input projections: (h_TxBxH, (c_BxH, h_BxH))."""
+def lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan: Plan, h_mask_BxH=None):
+  """The LSTM over time from its input projections: (h_TxBxH, (c_BxH, h_BxH)); `h_mask_BxH`, if
+  given, is the recurrent dropout mask on h_{t-1} in h_{t-1} W_hh (one per row, every step)."""
+  if h_mask_BxH is None:  # the paper's recurrence, called exactly as before the masks existed
+    if plan.kernels == "reference":
+      return reference.lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan)
+    return recurrence.lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan)
   if plan.kernels == "reference":
-    return reference.lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan)
-  return recurrence.lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan)
+    return reference.lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, h_mask_BxH)
+  return recurrence.lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, h_mask_BxH)
 
 
 def input_projection(x_TxBxD, w_Dx4H, b_4H, plan: Plan):
@@ -63,3 +68,12 @@ def softmax_nll(x_NxH, w_HxV, b_V, targets_N, plan: Plan):
   if plan.kernels == "reference":
     return reference.softmax_nll(x_NxH, w_HxV, b_V, targets_N, plan)
   return softmax.softmax_nll(x_NxH, w_HxV, b_V, targets_N, plan)
+
+
+def softmax_nll_tied(x_NxH, e_VxH, b_V, targets_N, plan: Plan):
+  """-log softmax(x E^T + b)[target] per row, the softmax's weights tied to the embedding E."""
+  if plan.kernels == "reference":
+    return reference.softmax_nll(x_NxH, e_VxH.T, b_V, targets_N, plan)
+  if plan.weight_grads_via_gather:  # bfloat16 on the CPU: E's gradient in its own layout
+    return softmax.softmax_nll_tied(x_NxH, e_VxH, b_V, targets_N, plan)
+  return softmax.softmax_nll(x_NxH, e_VxH.T, b_V, targets_N, plan)

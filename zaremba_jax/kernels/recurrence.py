@@ -7,6 +7,10 @@ the tests hold it to that. Three things make it faster:
 - the backward's loop over time carries only dh and dc and emits the gates' gradients, so the
   gradient of W_hh is ONE matmul over all T*B rows instead of a small one per step;
 - the step-local factors of the backward are made where the `plan` says is cheaper.
+
+With a recurrent dropout mask (Gal & Ghahramani 2016, `regularizers.py`), each step's product is
+(h_{t-1} * m) W_hh with one mask m per row for the whole window; the backward carries the same
+mask into dh_{t-1} and into the gradient of W_hh.
 """
 
 import dataclasses
@@ -104,9 +108,10 @@ PRODUCTS = {
 }
 
 
-def forward_loop(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, emit=None):
+def forward_loop(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, emit=None, h_mask_BxH=None):
   """The loop over time: (final (c, h), per-step outputs), as `lstm_recurrence` runs it outside a
   gradient (emit=None) and as its gradient's forward pass does (the benchmarks time it alone).
+  `h_mask_BxH` (optional) multiplies h_{t-1} in every step's product h_{t-1} W_hh.
 
   The per-step outputs are h_TxBxH alone when `emit` is None; (h, da_from_d, dc_from_dh, f) when
   it is "factors"; (h, c, gates [i, f, o, g]) when it is "gates".
@@ -125,10 +130,13 @@ def forward_loop(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, emit=None):
   elif product.layout == "pairs":
     w = native.pairs(w)
   xw_TxBx4H = xw_TxBx4H * scale_4H
+  mask = h_mask_BxH
+  if mask is not None and product.vector:
+    mask = mask[0]
 
   def step(carry, xw_Bx4H):
     c_prev, h_prev = carry
-    hw = product.multiply(h_prev, w, dtype)
+    hw = product.multiply(h_prev if mask is None else h_prev * mask, w, dtype)
     if product.scale_product:
       hw = hw * scale_4H
     act = jnp.tanh(xw_Bx4H + hw) * scale_4H + offset_4H
@@ -149,7 +157,7 @@ def forward_loop(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, emit=None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan):
+def lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, h_mask_BxH=None):
   """Runs the recurrence over time given the input projections x_t W_ih + b of every step.
 
   Args:
@@ -157,27 +165,33 @@ def lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan):
     w_hh_Hx4H: recurrent weights.
     c_BxH, h_BxH: the state before the first step.
     plan: a `Plan` (dtype and the forms of the products).
+    h_mask_BxH: None, or the recurrent dropout mask (0 or 1/keep) that multiplies h_{t-1} in
+      h_{t-1} W_hh at every step (the carried h itself is not masked). Not differentiated.
 
   Returns:
     (h_TxBxH, (c_BxH, h_BxH)): every step's output and the final state.
   """
-  final, h_TxBxH = forward_loop(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan)
+  final, h_TxBxH = forward_loop(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, h_mask_BxH=h_mask_BxH)
   return h_TxBxH, final
 
 
-def _recurrence_fwd(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan):
+def _recurrence_fwd(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, h_mask_BxH=None):
   if plan.factors_in_forward_loop:
-    final, (h_TxBxH, *factors) = forward_loop(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, "factors")
+    final, (h_TxBxH, *factors) = forward_loop(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, "factors",
+                                              h_mask_BxH)
     saved = {"factors": tuple(factors)}
   else:
     final, (h_TxBxH, c_TxBxH, gates_TxBx4H) = forward_loop(
-        xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, "gates")
+        xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, "gates", h_mask_BxH)
     saved = {"c0": c_BxH, "c": c_TxBxH, "gates": gates_TxBx4H}
+  if h_mask_BxH is not None:
+    saved["h_mask"] = h_mask_BxH
   return (h_TxBxH, final), (w_hh_Hx4H, h_BxH, h_TxBxH, saved)
 
 
 def _recurrence_bwd(plan, residuals, cotangents):
   w_hh_Hx4H, h0_BxH, h_TxBxH, saved = residuals
+  mask_BxH = saved.get("h_mask")
   dh_out_TxBxH, (dc_BxH, dh_BxH) = cotangents
   if "factors" in saved:
     da_from_d_TxBx4H, dc_from_dh_TxBxH, f_TxBxH = saved["factors"]
@@ -193,16 +207,20 @@ def _recurrence_bwd(plan, residuals, cotangents):
     dh = dh + dh_out
     dc = dc + dh * dc_from_dh
     da = jnp.concatenate([dc, dc, dh, dc], axis=-1) * da_from_d
-    return (dc * f, matmul.dot(da, w, (1, 1), plan.dtype)), da
+    dh_prev = matmul.dot(da, w, (1, 1), plan.dtype)
+    return (dc * f, dh_prev if mask_BxH is None else dh_prev * mask_BxH), da
 
   (dc0, dh0), da_TxBx4H = jax.lax.scan(
       step, (dc_BxH, dh_BxH), (dh_out_TxBxH, dc_from_dh_TxBxH, da_from_d_TxBx4H, f_TxBxH),
       reverse=True)
   h_prev_TxBxH = jnp.concatenate([h0_BxH[None], h_TxBxH[:-1]], axis=0)
+  if mask_BxH is not None:  # W_hh saw the masked h_{t-1}
+    h_prev_TxBxH = h_prev_TxBxH * mask_BxH
   hidden = h_prev_TxBxH.shape[-1]
   dw_hh = matmul.weight_grad(h_prev_TxBxH.reshape(-1, hidden), da_TxBx4H.reshape(-1, 4 * hidden),
                              plan)
-  return da_TxBx4H, dw_hh, dc0, dh0
+  # The mask is not differentiated: its cotangent is zeros (None when there is no mask).
+  return da_TxBx4H, dw_hh, dc0, dh0, None if mask_BxH is None else jnp.zeros_like(mask_BxH)
 
 
 lstm_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

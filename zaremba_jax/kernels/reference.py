@@ -13,7 +13,7 @@ def _product(a, b, dtype):
   return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def lstm_cell(carry, xw_Bx4H, w_hh_Hx4H, dtype="float32"):
+def lstm_cell(carry, xw_Bx4H, w_hh_Hx4H, dtype="float32", h_mask_BxH=None):
   """One step of the LSTM of Zaremba et al. (2014), section 3.1, gates ordered [i, f, o, g]:
 
     i, f, o = sigmoid(x W_ih + h W_hh + b)   (input, forget and output gates)
@@ -21,10 +21,12 @@ def lstm_cell(carry, xw_Bx4H, w_hh_Hx4H, dtype="float32"):
     c       = f * c + i * g
     h       = o * tanh(c)
 
-  `xw_Bx4H` is x W_ih + b, made for every step before the loop.
+  `xw_Bx4H` is x W_ih + b, made for every step before the loop. With Gal & Ghahramani's (2016)
+  recurrent dropout, h W_hh is (h * m) W_hh, m = `h_mask_BxH` (the same mask at every step).
   """
   c_BxH, h_BxH = carry
-  a_Bx4H = xw_Bx4H + _product(h_BxH, w_hh_Hx4H, dtype)
+  h_in_BxH = h_BxH if h_mask_BxH is None else h_BxH * h_mask_BxH
+  a_Bx4H = xw_Bx4H + _product(h_in_BxH, w_hh_Hx4H, dtype)
   a_i, a_f, a_o, a_g = jnp.split(a_Bx4H, 4, axis=-1)
   i, f, o, g = jax.nn.sigmoid(a_i), jax.nn.sigmoid(a_f), jax.nn.sigmoid(a_o), jnp.tanh(a_g)
   c_BxH = f * c_BxH + i * g
@@ -32,9 +34,9 @@ def lstm_cell(carry, xw_Bx4H, w_hh_Hx4H, dtype="float32"):
   return (c_BxH, h_BxH), h_BxH
 
 
-def lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan):
+def lstm_recurrence(xw_TxBx4H, w_hh_Hx4H, c_BxH, h_BxH, plan, h_mask_BxH=None):
   """`lstm_cell` over time with `lax.scan`: (h_TxBxH, (c_BxH, h_BxH))."""
-  step = lambda carry, xw_Bx4H: lstm_cell(carry, xw_Bx4H, w_hh_Hx4H, plan.dtype)
+  step = lambda carry, xw_Bx4H: lstm_cell(carry, xw_Bx4H, w_hh_Hx4H, plan.dtype, h_mask_BxH)
   (c_BxH, h_BxH), h_TxBxH = jax.lax.scan(step, (c_BxH, h_BxH), xw_TxBx4H)
   return h_TxBxH, (c_BxH, h_BxH)
 

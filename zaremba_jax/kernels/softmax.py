@@ -67,3 +67,33 @@ def _softmax_nll_bwd(plan, residuals, g_N):
 
 
 softmax_nll.defvjp(_softmax_nll_fwd, _softmax_nll_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def softmax_nll_tied(x_NxH, e_VxH, b_V, targets_N, plan):
+  """`softmax_nll` with the output weights given as a tied embedding [V, H] (W = E^T).
+
+  The same numbers; the gradient of E is made in E's own [V, H] layout, as d^T x. (The gradient
+  of W = E^T from `softmax_nll`, transposed back, is a bfloat16 product in a layout that XLA's
+  CPU backend cannot run when `plan.weight_grads_via_gather` builds it.)
+  """
+  return softmax_nll(x_NxH, e_VxH.T, b_V, targets_N, plan)
+
+
+def _softmax_nll_tied_fwd(x_NxH, e_VxH, b_V, targets_N, plan):
+  logits_NxV = matmul.dot(x_NxH, e_VxH, (1, 1), plan.dtype) + b_V
+  nll_N, lse_N = _nll_from_logits(logits_NxV, targets_N)
+  onehot_NxV = jax.nn.one_hot(targets_N, logits_NxV.shape[-1], dtype=jnp.float32)
+  dlogits_NxV = (jnp.exp(logits_NxV - lse_N[:, None]) - onehot_NxV).astype(plan.dtype)
+  return nll_N, (x_NxH, e_VxH, dlogits_NxV)
+
+
+def _softmax_nll_tied_bwd(plan, residuals, g_N):
+  x_NxH, e_VxH, dlogits_NxV = residuals
+  d_NxV = dlogits_NxV * g_N[:, None].astype(plan.dtype)
+  dx_NxH = matmul.dot(d_NxV, e_VxH, (1, 0), plan.dtype)
+  de_VxH = matmul.dot(d_NxV, x_NxH, (0, 0), plan.dtype)
+  return dx_NxH, de_VxH, d_NxV.astype(jnp.float32).sum(0), None
+
+
+softmax_nll_tied.defvjp(_softmax_nll_tied_fwd, _softmax_nll_tied_bwd)
