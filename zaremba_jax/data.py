@@ -66,14 +66,7 @@ def _write_verified(folder: str, name: str, payload: bytes) -> None:
   if got != SHA256[name]:
     raise DataError(f"downloaded {name} has sha256 {got[:12]}..., not PTB's {SHA256[name][:12]}...;"
                     f" nothing was cached; download PTB yourself and pass --data_dir")
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(payload)
-    os.replace(tmp, os.path.join(folder, name))
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  _write_atomic(folder, name, payload)
 
 
 def download_ptb(folder: str, fetch=_download_bytes) -> None:
@@ -464,6 +457,7 @@ def resolve_wikitext(name: str, cache: str | None = None, fetch=_download_bytes)
 
 
 def _write_atomic(folder: str, name: str, payload: bytes) -> None:
+  """Writes `payload` as folder/name through a temporary file and a rename (no partial files)."""
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
   try:
     with os.fdopen(fd, "wb") as f:

@@ -50,11 +50,16 @@ def _nll_from_logits(logits_NxV, targets_N):
   return lse_N - target_logit_N, lse_N
 
 
-def _softmax_nll_fwd(x_NxH, w_HxV, b_V, targets_N, plan):
-  logits_NxV = matmul.matmul(x_NxH, w_HxV, plan.dtype) + b_V
+def _nll_and_dlogits(logits_NxV, targets_N, dtype):
+  """Each row's NLL and its gradient with respect to the logits, softmax - onehot, in `dtype`."""
   nll_N, lse_N = _nll_from_logits(logits_NxV, targets_N)
   onehot_NxV = jax.nn.one_hot(targets_N, logits_NxV.shape[-1], dtype=jnp.float32)
-  dlogits_NxV = (jnp.exp(logits_NxV - lse_N[:, None]) - onehot_NxV).astype(plan.dtype)
+  return nll_N, (jnp.exp(logits_NxV - lse_N[:, None]) - onehot_NxV).astype(dtype)
+
+
+def _softmax_nll_fwd(x_NxH, w_HxV, b_V, targets_N, plan):
+  logits_NxV = matmul.matmul(x_NxH, w_HxV, plan.dtype) + b_V
+  nll_N, dlogits_NxV = _nll_and_dlogits(logits_NxV, targets_N, plan.dtype)
   return nll_N, (x_NxH, w_HxV, dlogits_NxV)
 
 
@@ -82,9 +87,7 @@ def softmax_nll_tied(x_NxH, e_VxH, b_V, targets_N, plan):
 
 def _softmax_nll_tied_fwd(x_NxH, e_VxH, b_V, targets_N, plan):
   logits_NxV = matmul.dot(x_NxH, e_VxH, (1, 1), plan.dtype) + b_V
-  nll_N, lse_N = _nll_from_logits(logits_NxV, targets_N)
-  onehot_NxV = jax.nn.one_hot(targets_N, logits_NxV.shape[-1], dtype=jnp.float32)
-  dlogits_NxV = (jnp.exp(logits_NxV - lse_N[:, None]) - onehot_NxV).astype(plan.dtype)
+  nll_N, dlogits_NxV = _nll_and_dlogits(logits_NxV, targets_N, plan.dtype)
   return nll_N, (x_NxH, e_VxH, dlogits_NxV)
 
 
