@@ -10,12 +10,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
+import flax
 import jax
 import numpy as np
 from absl.testing import absltest
 
 from zaremba_jax import checkpoint as checkpoint_lib
+from zaremba_jax import data as data_lib
 from zaremba_jax import evaluation
 from zaremba_jax import loop
 from zaremba_jax import reporting
@@ -26,6 +29,16 @@ TIMING = ("words_per_sec", "minutes")
 
 def untimed(records):
   return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+@flax.struct.dataclass
+class OlderTrainState:
+  """TrainState as 0.x releases wrote it: no `average` field."""
+  step: Any
+  params: Any
+  opt_state: Any
+  carry: Any
+  key: Any
 
 
 class ResumeTest(absltest.TestCase):
@@ -119,6 +132,46 @@ class ResumeTest(absltest.TestCase):
     self.assertRegex(log, r"skipping unreadable checkpoint .*checkpoints/70")
     self.assertIn("resuming from", log)
     self.assertRegex(log, r"checkpoints/60: epoch 1, window 60")
+
+  def test_checkpoint_from_before_the_average_field_resumes_bit_exactly(self):
+    # Checkpoints written before TrainState had NT-ASGD's `average` field (0.x releases) hold
+    # no such entry; a resume must still read them, not skip them all and train from scratch.
+    resumed_dir = self.copy_of_stopped_at_90()
+    run = loop.Run(self.config, data_lib.corpus_for(self.config, self.data))
+    ckpt = checkpoint_lib.Checkpointer(resumed_dir)
+    state, meta, step = ckpt.restore(run.abstract_state())
+    ckpt.close()
+    self.assertEqual(step, 90)
+    shutil.rmtree(os.path.join(resumed_dir, "checkpoints"))
+    older = OlderTrainState(**{f: getattr(state, f) for f in OlderTrainState.__dataclass_fields__})
+    ckpt = checkpoint_lib.Checkpointer(resumed_dir)
+    ckpt.save(90, older, meta)
+    ckpt.close()
+    resumed, log = self.train(resumed_dir)
+    self.assertIn("checkpoints/90: epoch 1, window 90", log)
+    self.assertNotIn("skipping", log)
+    self.assert_same_as_straight(resumed, resumed_dir)
+
+  def test_no_readable_checkpoint_stops_instead_of_training_over_them(self):
+    workdir = self.copy_of_stopped_at_90()
+    for path in glob.glob(os.path.join(workdir, "checkpoints", "*", "state", "**", "*manifest*"),
+                          recursive=True):
+      with open(path, "r+b") as f:
+        f.truncate(10)
+    before = helpers.folder_bytes(workdir)
+    with self.assertRaisesRegex(checkpoint_lib.CheckpointError,
+                                r"no checkpoint in .*\(steps 30, 60, 90\) could be read.*--restart"):
+      self.train(workdir)
+    self.assertEqual(helpers.folder_bytes(workdir), before)
+
+  def test_saving_a_step_older_than_the_newest_is_refused_aloud(self):
+    ckpt = checkpoint_lib.Checkpointer(self.create_tempdir().full_path)
+    ckpt.save(5, {"x": np.zeros(2)}, {})
+    ckpt.wait()
+    with self.assertRaisesRegex(checkpoint_lib.CheckpointError,
+                                r"step 3 was not written in .*: it holds the newer step 5"):
+      ckpt.save(3, {"x": np.ones(2)}, {})
+    ckpt.close()
 
   def test_shape_changing_flag_is_refused(self):
     workdir = self.create_tempdir().full_path

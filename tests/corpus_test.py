@@ -252,12 +252,7 @@ class CommandLineErrorTest(parameterized.TestCase):
   def saved_run(cls):
     """The run's checkpoints (steps) and the bytes of every file in them."""
     folder = os.path.join(cls.run_dir, "checkpoints")
-    contents = {}
-    for dirpath, _, names in os.walk(folder):
-      for name in names:
-        with open(os.path.join(dirpath, name), "rb") as f:
-          contents[os.path.relpath(os.path.join(dirpath, name), folder)] = f.read()
-    return sorted(os.listdir(folder)), contents
+    return sorted(os.listdir(folder)), helpers.folder_bytes(folder)
 
 
 def fake_zip(folder: str, files: str, texts: dict) -> bytes:

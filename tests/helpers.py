@@ -69,3 +69,13 @@ def read_metrics(workdir: str) -> list[dict]:
   """The records of WORKDIR/metrics.jsonl."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+def folder_bytes(folder: str) -> dict:
+  """{path relative to `folder`: its bytes} for every file under `folder`."""
+  contents = {}
+  for dirpath, _, names in os.walk(folder):
+    for name in names:
+      with open(os.path.join(dirpath, name), "rb") as f:
+        contents[os.path.relpath(os.path.join(dirpath, name), folder)] = f.read()
+  return contents

@@ -101,6 +101,14 @@ def _reason(error: Exception) -> str:
   return f"{type(error).__name__}: {text[:300]}"
 
 
+def _filled_fields(state, like=None) -> dict:
+  """{name: value} of the dataclass `state`'s fields that are not None in `like` (default: in
+  `state` itself), e.g. a TrainState without NT-ASGD's `average`."""
+  like = state if like is None else like
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(like)
+          if getattr(like, f.name) is not None}
+
+
 class Checkpointer:
   """Two Orbax managers in `workdir`: `checkpoints/` (the last `keep`) and `best/` (one)."""
 
@@ -135,10 +143,14 @@ class Checkpointer:
       try:
         if step in manager.all_steps():
           continue
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta)))
+        saved = manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                           meta=ocp.args.JsonSave(meta)))
       except Exception as e:  # pylint: disable=broad-except
         self._fail(kind, e)
+      if not saved:  # Orbax writes no step older than its newest, and says so only by this
+        raise CheckpointError(
+            f"step {step} was not written in {os.path.join(self.workdir, kind)}: it holds the newer"
+            f" step {max(manager.all_steps())}; train in another --workdir, or pass --restart")
 
   def wait(self) -> None:
     """Blocks until every save in flight is on disk."""
@@ -173,9 +185,17 @@ class Checkpointer:
 
     Unreadable checkpoints (a truncated or deleted file) are skipped with a warning naming them.
 
+    A dataclass target (the TrainState) is read field by field, its None fields left None: a
+    checkpoint written before a field existed (e.g. `average`, which only --nt_asgd fills) still
+    restores, and one with the field filled restores into a target that leaves it None.
+
     Returns:
       (state, meta, step), or None when there is no readable checkpoint.
     """
+    template = None
+    if dataclasses.is_dataclass(target):
+      template, target, partial = target, _filled_fields(target), True
+      shardings = None if shardings is None else _filled_fields(shardings, like=template)
     candidates = [step] if step is not None else self.steps(kind)[::-1]
     for candidate in candidates:
       path = os.path.join(self.workdir, kind, str(candidate))
@@ -194,6 +214,10 @@ class Checkpointer:
         args = ocp.args.StandardRestore(goal)
       try:
         state = self._manager(kind).restore(candidate, args=ocp.args.Composite(state=args)).state
+        if partial:  # the manager now knows "state" as a PyTree item; saves are StandardSave
+          self._managers.pop(kind).close()
+        if template is not None:
+          state = template.replace(**state)
         return state, meta, candidate
       except Exception as e:  # pylint: disable=broad-except
         self._skip(path, e, say)

@@ -196,6 +196,12 @@ def start_or_resume(run: Run, ckpt, reporter, restart: bool):
       reporter.say(f"resuming from {ckpt.name}/checkpoints/{saved_step}: epoch"
                    f" {progress.epoch}, window {progress.window} of {run.steps_per_epoch}")
       return state, progress
+    # A fresh start here would train over them unseen: Orbax keeps no step older than the newest,
+    # so no save would land until the run passed it, and then the old ones would be pruned.
+    raise checkpoint_lib.CheckpointError(
+        f"no checkpoint in {ckpt.name}/checkpoints (steps {', '.join(map(str, ckpt.steps()))}) could"
+        f" be read (the warnings above say why); nothing was changed: rerun with the version of"
+        f" zaremba_jax that wrote them, or pass --restart to discard them and start over")
   return run.initial_state(), Progress()
 
 
