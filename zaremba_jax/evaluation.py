@@ -7,7 +7,6 @@ average.
 """
 
 import functools
-import sys
 import time
 
 import jax
@@ -218,7 +217,7 @@ def evaluate_test_time(workdir: str, data_dir: str | None, caches=(), dynamics=(
   points = list(dict.fromkeys(p for candidates in rows.values() for p in candidates))
   say(f"test-time evaluation of {', '.join(t.path for t in runs)} in {runs[0].config.dtype}:"
       f" {len(points)} settings on the batch-1 validation stream, then test once per row")
-  progress = _progress_bar(len(points), bar)
+  progress = reporting.progress_bar(len(points), "search on valid", bar)
   valid = {}
   for i, (dynamic, cache) in enumerate(points):
     valid[(dynamic, cache)], _ = score("valid", dynamic, cache)
@@ -254,11 +253,3 @@ def describe(dynamic, cache) -> str:
   if cache.on:
     parts.append(f"cache window {cache.window} theta {cache.theta:g} lambda {cache.lam:g}")
   return ", ".join(parts) or "plain"
-
-
-def _progress_bar(total: int, bar: bool | None):
-  """A tqdm bar on stderr (where it is a terminal, or where `bar`), else None: lines instead."""
-  if bar is False or (bar is None and not reporting._isatty(sys.stderr)):  # pylint: disable=protected-access
-    return None
-  tqdm = reporting._tqdm_class()  # pylint: disable=protected-access
-  return tqdm(total=total, desc="search on valid", file=sys.stderr, leave=False) if tqdm else None

@@ -283,6 +283,16 @@ def _isatty(stream) -> bool:
     return False
 
 
+def progress_bar(total: int, desc: str, bar: bool | None = None, stream=None):
+  """A tqdm bar counting to `total` on `stream` (default stderr) where it is a terminal, or where
+  `bar`; None otherwise (or without tqdm): the caller prints lines instead."""
+  stream = sys.stderr if stream is None else stream
+  if bar is False or (bar is None and not _isatty(stream)):
+    return None
+  tqdm = _tqdm_class()
+  return tqdm(total=total, desc=desc, file=stream, leave=False) if tqdm else None
+
+
 def in_jupyter_kernel() -> bool:
   """Whether this process is a Jupyter kernel (a notebook's), as tqdm.auto tells one.
 
