@@ -18,7 +18,7 @@ from absl.testing import absltest
 from tests import helpers
 
 SMOKE = "python -m zaremba_jax.main --preset=small --max_train_steps=200 --workdir=runs/smoke"
-TESTS = "python -m pytest -q -n 2 tests"
+TESTS = "python -m pytest -q -n 2 --dist worksteal tests"
 MODES = (
     "python -m zaremba_jax.main --mode=evaluate --workdir=runs/smoke",
     'echo "5 the company said" | python -m zaremba_jax.main --mode=query --workdir=runs/smoke',
