@@ -261,8 +261,8 @@ class SignalTest(absltest.TestCase):
 
   def run_main(self, data, workdir, *extra, stop_after_line=None):
     args = [sys.executable, "-m", "zaremba_jax.main", f"--data_dir={data}", f"--workdir={workdir}",
-            "--batch_size=4", "--num_steps=5", "--hidden_size=64", "--max_epoch=2",
-            "--max_max_epoch=6", "--log_per_epoch=20", "--checkpoint_every_steps=100000", *extra]
+            "--batch_size=4", "--num_steps=5", "--hidden_size=64", "--max_epoch=1",
+            "--max_max_epoch=3", "--log_per_epoch=20", "--checkpoint_every_steps=100000", *extra]
     proc = subprocess.Popen(args, cwd=helpers.REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     lines = []
@@ -279,6 +279,7 @@ class SignalTest(absltest.TestCase):
     rc, straight = self.run_main(data, straight_dir)
     self.assertEqual(rc, 0)
     stopped_dir = self.create_tempdir().full_path
+    # Stopped early in epoch 2 of 3, where the learning rate has begun to decay.
     rc, first = self.run_main(data, stopped_dir, stop_after_line="epoch   2   ")
     self.assertEqual(rc, 0, first)
     self.assertRegex(first, r"SIGTERM: saved step \d+ in .*; run the same command again")
