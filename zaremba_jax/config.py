@@ -45,7 +45,7 @@ class Config:
   dtype: str = "float32"         # matmul inputs: float32 or bfloat16 (state and sums stay float32)
   checkpoint_every_steps: int = 1000  # save every this many steps (and at each epoch end)
   keep_checkpoints: int = 3      # recent checkpoints kept (the best is kept besides)
-  steps_per_call: int = 10       # train steps per jitted call (a lax.scan over that many windows)
+  steps_per_call: int = 10       # train steps per jitted call (one loop over that many windows)
   kernels: str = "fast"          # fast kernels, or the reference (the paper's cell under autodiff)
   members: int = 1               # models trained together (seeds seed..seed+members-1), averaged
   mesh: str = ""                 # devices per axis, "members=M,batch=N" ("": members first)

@@ -77,7 +77,7 @@ flags.DEFINE_integer("checkpoint_every_steps", _DEFAULTS.checkpoint_every_steps,
 flags.DEFINE_integer("keep_checkpoints", _DEFAULTS.keep_checkpoints, "Recent checkpoints to keep"
                      " (the best by validation perplexity is kept besides).", lower_bound=1)
 flags.DEFINE_integer("steps_per_call", _DEFAULTS.steps_per_call, "Train steps per jitted call,"
-                     " run as a lax.scan over that many windows (speed only: fewer dispatches"
+                     " run as one loop over that many windows (speed only: fewer dispatches"
                      " and buffers reused in place; the result does not depend on it).",
                      lower_bound=1)
 flags.DEFINE_bool("tensorboard", _DEFAULTS.tensorboard, "Also write the metrics as TensorBoard"
