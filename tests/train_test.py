@@ -239,7 +239,6 @@ class TinyRunTest(absltest.TestCase):
     self.assertEqual(steps_logged, [log_every, 2 * log_every, 3 * log_every, steps])
 
 
-
 class StepsPerCallTest(parameterized.TestCase):
   """A run's bits do not depend on how its steps are grouped into calls."""
 
